@@ -1,0 +1,63 @@
+"""Orthogonalizers for Muon-family optimizers, batched over same-shape matrices.
+
+``orthogonalize(G, config)`` is the one entry point the optimizer and bench use; the individual
+methods live in their own modules. See DESIGN.md for the family and the quality measures.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import METHODS, PRESETS, OrthoConfig
+from .exact import svd_polar
+from .lowrank import lowrank_orthogonalize, rsvd_factors, rsvd_orthogonalize
+from .newton_schulz import newton_schulz
+from .quality import alignment, matrix_with_spectrum, rel_err, singular_range
+from .schedules import SCHEDULES, Schedule, resolve_schedule
+from .spectral import model_singular_values, ns_singular_values, predict
+
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "SCHEDULES",
+    "OrthoConfig",
+    "Schedule",
+    "alignment",
+    "lowrank_orthogonalize",
+    "matrix_with_spectrum",
+    "model_singular_values",
+    "newton_schulz",
+    "ns_singular_values",
+    "orthogonalize",
+    "predict",
+    "rel_err",
+    "resolve_schedule",
+    "rsvd_factors",
+    "rsvd_orthogonalize",
+    "singular_range",
+    "svd_polar",
+]
+
+
+def orthogonalize(
+    G: Tensor, config: OrthoConfig | None = None, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """The orthogonalized update of ``G`` (``(m, n)`` or ``(B, m, n)``) under ``config``; same shape.
+
+    The result is in the config's compute dtype (float32 for ``svd``); callers add it to parameters of
+    any dtype. ``generator`` seeds the randomized methods (it must live on ``G``'s device).
+    """
+    config = config or OrthoConfig()
+    if G.ndim not in (2, 3):
+        raise ValueError(f"orthogonalize expects (m, n) or (B, m, n), got shape {tuple(G.shape)}")
+    config.check_shape(tuple(G.shape))
+    if config.method == "newton_schulz":
+        return newton_schulz(
+            G, steps=config.ns_steps, coefficients=config.coefficients, dtype=config.torch_dtype, eps=config.eps
+        )
+    if config.method == "svd":
+        return svd_polar(G)
+    if config.method == "lowrank":
+        return lowrank_orthogonalize(G, config, generator)
+    return rsvd_orthogonalize(G, config, generator)

@@ -1,0 +1,167 @@
+"""The orthogonalizer configuration: one small, hashable, JSON-round-trippable object.
+
+Hashable because ProfiledMuon batches layers by ``(shape, dtype, config)``; JSON because the same object
+is what bench measures, tune chooses and the profile stores.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+import torch
+
+from .schedules import resolve_schedule
+
+Method = Literal["newton_schulz", "svd", "lowrank", "rsvd"]
+METHODS: tuple[str, ...] = ("newton_schulz", "svd", "lowrank", "rsvd")
+RANGE_FINDERS: tuple[str, ...] = ("power", "columns")
+CORES: tuple[str, ...] = ("newton_schulz", "svd")
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+
+
+@dataclass(frozen=True)
+class OrthoConfig:
+    """How one matrix (or a batch of same-shape matrices) is orthogonalized.
+
+    Fields that do not apply to ``method`` are ignored by it (``rank`` means nothing to ``svd``), but
+    are still validated so that a typo in a profile is reported rather than silently dropped.
+
+    - ``ns_steps`` / ``coefficients`` / ``dtype``: the Newton-Schulz iteration; for ``lowrank`` with
+      ``core="newton_schulz"`` they drive the iteration on the small r x n core.
+    - ``rank``: target rank for ``lowrank`` / ``rsvd`` (required by them).
+    - ``range_finder``: ``power`` (Gaussian sketch + ``power_iters`` re-orthogonalized passes, ``oversample``
+      extra columns, truncated back to ``rank``) or ``columns`` (QR of ``rank`` random columns, He et al.).
+    - ``full_below``: layers whose short side is <= this get full Newton-Schulz instead of the low-rank
+      path (the low-rank Muon reference code uses 500); 0 disables the gate.
+    """
+
+    method: Method = "newton_schulz"
+    ns_steps: int = 5
+    coefficients: str | tuple[tuple[float, ...], ...] = "jordan"
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    eps: float = 1e-7
+    rank: int | None = None
+    range_finder: Literal["power", "columns"] = "power"
+    power_iters: int = 1
+    oversample: int = 8
+    core: Literal["newton_schulz", "svd"] = "newton_schulz"
+    full_below: int = 0
+
+    def __post_init__(self) -> None:
+        dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        object.__setattr__(self, "dtype", dtype)
+        if not isinstance(self.coefficients, str):
+            rows = tuple(tuple(float(v) for v in row) for row in self.coefficients)
+            object.__setattr__(self, "coefficients", rows)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field; shape-dependent checks live in ``check_shape``."""
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.ns_steps, int) or isinstance(self.ns_steps, bool) or not 0 <= self.ns_steps <= 100:
+            raise ValueError(f"ns_steps: must be an integer in [0, 100], got {self.ns_steps!r}")
+        try:
+            resolve_schedule(self.coefficients)
+        except ValueError as err:
+            raise ValueError(f"coefficients: {err}") from None
+        if not self.eps > 0:
+            raise ValueError(f"eps: must be > 0, got {self.eps!r}")
+        if self.range_finder not in RANGE_FINDERS:
+            raise ValueError(f"range_finder: must be one of {', '.join(RANGE_FINDERS)}, got {self.range_finder!r}")
+        if self.core not in CORES:
+            raise ValueError(f"core: must be one of {', '.join(CORES)}, got {self.core!r}")
+        for name in ("power_iters", "oversample", "full_below"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            raise ValueError(f"rank: must be a positive integer, got {self.rank!r}")
+        if self.method in ("lowrank", "rsvd") and self.rank is None:
+            raise ValueError(f"rank: method {self.method!r} needs a rank")
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Shape-dependent validity: a rank larger than the matrix's short side is an error, not a clamp."""
+        if self.method in ("lowrank", "rsvd") and self.rank is not None:
+            short = min(shape[-2], shape[-1])
+            gated = self.method == "lowrank" and short <= self.full_below
+            if self.rank > short and not gated:
+                raise ValueError(
+                    f"rank: {self.rank} exceeds min(m, n) = {short} of a {shape[-2]}x{shape[-1]} matrix"
+                )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not isinstance(self.coefficients, str):
+            data["coefficients"] = [list(row) for row in self.coefficients]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OrthoConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown orthogonalizer setting(s): {', '.join(sorted(unknown))}")
+        values = dict(data)
+        if "coefficients" in values and not isinstance(values["coefficients"], str):
+            values["coefficients"] = tuple(tuple(row) for row in values["coefficients"])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> OrthoConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> OrthoConfig:
+        return replace(self, **changes)
+
+    def label(self) -> str:
+        """A short human-readable name, e.g. ``ns5-jordan-bf16`` or ``lowrank-r96-power1-ns5-jordan-fp32``."""
+        dt = {"bfloat16": "bf16", "float32": "fp32"}[self.dtype]
+        coeffs = self.coefficients if isinstance(self.coefficients, str) else "custom"
+        ns = f"ns{self.ns_steps}-{coeffs}-{dt}"
+        if self.method == "newton_schulz":
+            return ns
+        if self.method == "svd":
+            return "svd"
+        core = ns if self.core == "newton_schulz" else "svd"
+        if self.method == "rsvd":
+            return f"rsvd-r{self.rank}-p{self.power_iters}-o{self.oversample}"
+        finder = f"power{self.power_iters}" if self.range_finder == "power" else "cols"
+        gate = f"-full<={self.full_below}" if self.full_below else ""
+        return f"lowrank-r{self.rank}-{finder}-{core}{gate}"
+
+
+# Named recipes. A profile entry may say {"preset": NAME, ...overrides}.
+PRESETS: dict[str, OrthoConfig] = {
+    # torch.optim.Muon 2.13: Jordan's quintic, 5 steps, bf16, X / max(||X||_F, 1e-7).
+    "torch_default": OrthoConfig(),
+    # The low-rank Muon reference code (dengzhanwang/Low-rank-Muon, train_gpt_small.py): orient wide,
+    # r uniformly random columns, QR in fp32, 5 Jordan steps in bf16 on the r x n core, lift by Q,
+    # short side <= 500 -> full Newton-Schulz, no rescaling of the rank-r update. k=100 is that
+    # script's rank; other scripts of the repo use 200 or 400, so override ``rank`` as needed.
+    "lowrank_he2025": OrthoConfig(
+        method="lowrank",
+        rank=100,
+        range_finder="columns",
+        power_iters=0,
+        oversample=0,
+        core="newton_schulz",
+        ns_steps=5,
+        coefficients="jordan",
+        dtype="bfloat16",
+        full_below=500,
+    ),
+}

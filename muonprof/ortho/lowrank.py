@@ -1,0 +1,165 @@
+"""Low-rank orthogonalization (He, Deng, Lu 2025) and randomized SVD (LiMuon's orthogonalizer).
+
+Both find Q (m x r, orthonormal columns) spanning G's leading left singular subspace and return a
+rank-r partial isometry, at O(m n r) instead of the O(m^2 n) of full Newton-Schulz:
+
+- ``lowrank``: Q . orth(Q^T G), where orth is Newton-Schulz or SVD on the small r x n core. Because Q
+  has orthonormal columns, Q . polar(Q^T G) = polar(Q Q^T G): the exact polar factor of G's projection.
+- ``rsvd``: Halko-Martinsson-Tropp randomized SVD, B = Q^T G = U_b S V^T, returning (Q U_b)_r V_r^T.
+
+Every matrix is first oriented wide (short side first), as the reference code does, so that Q lives on
+the short side. QR and the small SVD / eigendecomposition run in float32 whatever the compute dtype:
+torch has no bf16 QR, and the reference code does its QR in float32 too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import OrthoConfig
+from .exact import numerical_rank_mask, svd_polar
+from .newton_schulz import newton_schulz
+
+
+def _qr_q(Y: Tensor) -> Tensor:
+    return torch.linalg.qr(Y.float(), mode="reduced").Q
+
+
+def range_finder(
+    X: Tensor,
+    rank: int,
+    *,
+    method: str = "power",
+    power_iters: int = 1,
+    oversample: int = 8,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Orthonormal basis (float32, ``(B, m, l)``) of the leading column space of the wide ``X`` (``(B, m, n)``).
+
+    ``columns`` returns exactly ``rank`` columns. ``power`` returns ``rank + oversample`` (at most m)
+    columns; ``truncate_basis`` narrows them to the best rank-``rank`` subspace.
+    """
+    batch, m, n = X.shape
+    if method == "columns":
+        # Uniform columns without replacement, shared across the batch (as in the reference code).
+        idx = torch.randperm(n, generator=generator, device=X.device)[:rank]
+        return _qr_q(X[..., idx])
+    if method != "power":
+        raise ValueError(f"range_finder: unknown method {method!r}")
+    width = min(rank + oversample, m)
+    omega = torch.randn(batch, n, width, generator=generator, device=X.device, dtype=torch.float32)
+    Y = X @ omega.to(X.dtype)
+    for _ in range(power_iters):
+        # Subspace iteration with re-orthogonalization after each product: without it the columns of
+        # (X X^T)^p X Omega collapse onto the top singular vector in low precision.
+        Q = _qr_q(Y).to(X.dtype)
+        Z = _qr_q(X.mT @ Q).to(X.dtype)
+        Y = X @ Z
+    return _qr_q(Y)
+
+
+def truncate_basis(Q: Tensor, X: Tensor, rank: int) -> Tensor:
+    """Narrow an oversampled basis Q (m x l) to the leading rank-``rank`` subspace of Q Q^T X.
+
+    Uses the l x l Gram matrix of B = Q^T X: its top eigenvectors are B's top left singular vectors.
+    Squaring the condition number only blurs the discarded tail, which is what we throw away.
+    """
+    if Q.size(-1) <= rank:
+        return Q
+    B = Q.mT @ X.float()
+    _, vecs = torch.linalg.eigh(B @ B.mT)  # ascending eigenvalues
+    return Q @ vecs[..., -rank:]
+
+
+def _as_wide_batch(G: Tensor) -> tuple[Tensor, bool, bool]:
+    squeeze = G.ndim == 2
+    X = G.unsqueeze(0) if squeeze else G
+    tall = X.size(-2) > X.size(-1)
+    return (X.mT if tall else X), tall, squeeze
+
+
+def _restore(O: Tensor, tall: bool, squeeze: bool) -> Tensor:
+    if tall:
+        O = O.mT
+    return O.squeeze(0) if squeeze else O
+
+
+def lowrank_orthogonalize(G: Tensor, config: OrthoConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Rank-r Q . orth(Q^T G); short sides <= ``config.full_below`` get full Newton-Schulz instead.
+
+    The rank-r result is not rescaled: its Frobenius norm is about sqrt(r) rather than sqrt(min(m, n)).
+    Compensating for that is a learning-rate decision, and the profile's ``lr_scale`` carries it.
+    """
+    if config.rank is None:
+        raise ValueError("lowrank needs a rank")
+    X, tall, squeeze = _as_wide_batch(G)
+    short = X.size(-2)
+    ns = dict(steps=config.ns_steps, coefficients=config.coefficients, dtype=config.torch_dtype, eps=config.eps)
+    if short <= config.full_below:
+        return newton_schulz(G, **ns)  # type: ignore[arg-type]
+    Xc = X.to(config.torch_dtype)
+    Q = range_finder(
+        Xc,
+        config.rank,
+        method=config.range_finder,
+        power_iters=config.power_iters,
+        oversample=config.oversample,
+        generator=generator,
+    )
+    Q = truncate_basis(Q, Xc, config.rank).to(config.torch_dtype)
+    core = Q.mT @ Xc  # (B, r, n): wide whenever r <= m <= n
+    if config.core == "svd":
+        core_o = svd_polar(core).to(config.torch_dtype)
+    else:
+        core_o = newton_schulz(core, **ns)  # type: ignore[arg-type]
+    return _restore(Q @ core_o, tall, squeeze)
+
+
+def rsvd_factors(
+    G: Tensor, config: OrthoConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized SVD of the wide-oriented ``G``: (U_r, S_r, V_r^T) in float32, batched ``(B, ...)``."""
+    if config.rank is None:
+        raise ValueError("rsvd needs a rank")
+    X, _, _ = _as_wide_batch(G)
+    Xc = X.to(config.torch_dtype)
+    Q = range_finder(
+        Xc,
+        config.rank,
+        method=config.range_finder,
+        power_iters=config.power_iters,
+        oversample=config.oversample,
+        generator=generator,
+    )
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ Xc.float(), full_matrices=False)
+    r = min(config.rank, S.size(-1))
+    return Q @ Ub[..., :r], S[..., :r], Vh[..., :r, :]
+
+
+def rsvd_orthogonalize(G: Tensor, config: OrthoConfig, generator: torch.Generator | None = None) -> Tensor:
+    """U_r V_r^T from a randomized SVD; singular values that are numerically zero are dropped."""
+    _, tall, squeeze = _as_wide_batch(G)
+    U, S, Vh = rsvd_factors(G, config, generator)
+    keep = numerical_rank_mask(S, G.size(-2), G.size(-1)).float()
+    O = (U * keep.unsqueeze(-2)) @ Vh
+    return _restore(O.to(config.torch_dtype), tall, squeeze)
+
+
+def lowrank_flops(m: int, n: int, config: OrthoConfig) -> float:
+    """Matmul flops of one low-rank orthogonalization (QR and small factorizations counted as 4 m l^2)."""
+    s, long = min(m, n), max(m, n)
+    r = config.rank or s
+    if config.method == "lowrank" and s <= config.full_below:
+        from .newton_schulz import newton_schulz_flops
+
+        return newton_schulz_flops(m, n, config.ns_steps)
+    width = r if config.range_finder == "columns" else min(r + config.oversample, s)
+    sketch = 0.0 if config.range_finder == "columns" else 2.0 * s * long * width * (1 + 2 * config.power_iters)
+    qr = 4.0 * s * width * width * (1 + config.power_iters) + 4.0 * long * width * width * config.power_iters
+    project_lift = 2.0 * 2 * s * long * r
+    if config.method == "rsvd" or config.core == "svd":
+        core = 4.0 * width * width * long + 8.0 * width**3
+    else:
+        core = (4.0 * r * r * long + 2.0 * r**3) * config.ns_steps
+    return sketch + qr + project_lift + core

@@ -1,0 +1,66 @@
+"""Batched Newton-Schulz: odd polynomial iterations on X / ||X||_F.
+
+With X = U diag(s) V^T, one step X <- a X + (b A + c A^2) X, A = X X^T, maps every singular value
+s -> a s + b s^3 + c s^5 and leaves U, V alone; that is why ``spectral.py`` can predict the result from
+singular values alone. The arithmetic below mirrors torch.optim.Muon (2.13) operation for operation
+(bf16 cast, transpose to the short side, divide by max(||X||_F, eps), ``addmm`` with beta/alpha), batched
+with ``baddbmm`` so that same-shape layers cost one kernel per product instead of one per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .schedules import resolve_schedule
+
+
+def newton_schulz(
+    G: Tensor,
+    *,
+    steps: int = 5,
+    coefficients: str | Sequence[Sequence[float]] = "jordan",
+    dtype: torch.dtype = torch.bfloat16,
+    eps: float = 1e-7,
+) -> Tensor:
+    """Approximately orthogonalize ``G`` (``(m, n)`` or ``(B, m, n)``); returns the same shape in ``dtype``.
+
+    The Gram matrix is formed on the short side (a tall input is transposed and transposed back), so
+    each quintic step costs about 4 m^2 n + 2 m^3 flops with m = min(rows, cols).
+    """
+    if G.ndim not in (2, 3):
+        raise ValueError(f"newton_schulz expects (m, n) or (B, m, n), got shape {tuple(G.shape)}")
+    squeeze = G.ndim == 2
+    schedule = resolve_schedule(coefficients)
+    # `.to` may return G itself when the dtype already matches; everything below is out of place, so the
+    # caller's tensor (e.g. a momentum buffer) is never modified. torch 2.13 gets this wrong for bf16.
+    X = G.to(dtype)
+    if squeeze:
+        X = X.unsqueeze(0)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    if schedule.norm_scale != 1.0:
+        norm = norm * schedule.norm_scale
+    X = X / norm.clamp(min=eps)
+    for a, b, c in schedule.coefficients(steps):
+        A = X @ X.mT
+        if c == 0.0:
+            # Cubic: X <- a X + b A X, one product fewer than the quintic form.
+            X = torch.baddbmm(X, A, X, beta=a, alpha=b)
+        else:
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
+    if tall:
+        X = X.mT
+    return X.squeeze(0) if squeeze else X
+
+
+def newton_schulz_flops(m: int, n: int, steps: int, cubic: bool = False) -> float:
+    """Matmul flops of ``steps`` iterations on one m x n matrix (Gram on the short side)."""
+    s, long = min(m, n), max(m, n)
+    per_step = 2 * s * s * long * 2 + (0 if cubic else 2 * s**3)
+    return float(per_step * steps)
