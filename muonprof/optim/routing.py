@@ -1,0 +1,81 @@
+"""Which parameters Muon should update, decided from the module structure.
+
+Muon is for hidden weight matrices. Embeddings are lookup tables (a row is updated only when its token
+appears: orthogonalizing the whole table is wrong), the output head maps to a vocabulary or classes,
+and 1-D gains and biases have no matrix structure: all of these go to AdamW, as every reference
+implementation recommends. Shape alone cannot find the head (it is a 2-D Linear), so we use the module
+tree: weight tying, the vocabulary size, conventional names, and finally "the last Linear".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+HEAD_NAME = re.compile(r"(^|\.)(lm_head|head|heads|classifier|output|out_proj_vocab|fc_out|logits|score)$")
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """``{parameter name: ("muon" | "adamw", reason)}`` for every trainable parameter of ``model``."""
+    routes: dict[str, tuple[str, str]] = {}
+    embedding_params: set[int] = set()
+    vocab_sizes: set[int] = set()
+    linears: list[tuple[str, nn.Linear]] = []
+    first_conv: nn.Module | None = None
+    owner: dict[int, tuple[nn.Module, str]] = {}
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owner.setdefault(id(p), (module, pname))  # a tied parameter belongs to its first module
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            embedding_params.add(id(module.weight))
+            vocab_sizes.add(module.num_embeddings)
+        elif isinstance(module, nn.Linear):
+            linears.append((module_name, module))
+        elif isinstance(module, _CONV) and first_conv is None:
+            first_conv = module
+    heads = _find_heads(linears, vocab_sizes)
+
+    for full, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module, pname = owner[id(p)]
+        if id(p) in embedding_params:
+            routes[full] = ("adamw", "embedding")
+        elif p.ndim < 2:
+            routes[full] = ("adamw", "vector (gain/bias)")
+        elif isinstance(module, nn.Linear) and pname == "weight" and id(module) in heads:
+            routes[full] = ("adamw", heads[id(module)])
+        elif isinstance(module, _CONV) and module is first_conv and pname == "weight":
+            routes[full] = ("adamw", "input conv (stem / patch embedding)")
+        elif isinstance(module, _CONV):
+            routes[full] = ("muon", "conv (flattened)")
+        else:
+            routes[full] = ("muon", "hidden matrix")
+    return routes
+
+
+def _find_heads(linears: list[tuple[str, nn.Linear]], vocab_sizes: set[int]) -> dict[int, str]:
+    """Linear modules that are output heads, with the reason; see the module docstring for the order."""
+    if not linears:
+        return {}
+    vocab = {id(m): "output head (projects to the vocabulary)" for _, m in linears if m.out_features in vocab_sizes}
+    if vocab:
+        return vocab
+    named = {id(m): f"output head (named {n.rsplit('.', 1)[-1]!r})" for n, m in linears if HEAD_NAME.search(n)}
+    if named:
+        return named
+    name, last = linears[-1]
+    return {id(last): "output head (last Linear, projects to the outputs)"}
+
+
+def route_named_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, tuple[str, str]]:
+    """Without a module tree: matrices (>= 2-D) to Muon, the rest to AdamW."""
+    return {
+        name: ("muon", "matrix") if p.ndim >= 2 else ("adamw", "vector (gain/bias)")
+        for name, p in named
+        if p.requires_grad
+    }

@@ -1,0 +1,46 @@
+"""The JSON profile (format ``muonprof.profile/1``): schema, load/save, and resolution against a model."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+from .io import ProfileError, atomic_write_text, fingerprint, load_profile, parse_profile, profile_to_json, save_profile
+from .resolve import LayerPlan, resolve_layers
+from .schema import FORMAT, LayerEntry, LayerSettings, Measured, ModelInfo, Profile, Provenance
+
+__all__ = [
+    "FORMAT",
+    "LayerEntry",
+    "LayerPlan",
+    "LayerSettings",
+    "Measured",
+    "ModelInfo",
+    "Profile",
+    "ProfileError",
+    "Provenance",
+    "atomic_write_text",
+    "fingerprint",
+    "json_schema",
+    "load_profile",
+    "parse_profile",
+    "profile_to_json",
+    "resolve_layers",
+    "save_profile",
+    "shipped_json_schema",
+]
+
+SCHEMA_ID = "https://muonprof.dev/schema/profile-1.json"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of ``muonprof.profile/1``, generated from the pydantic models."""
+    schema = Profile.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
+
+
+def shipped_json_schema() -> dict[str, Any]:
+    """The schema file shipped inside the package (kept equal to ``json_schema()`` by a test)."""
+    text = resources.files(__package__).joinpath("profile.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)

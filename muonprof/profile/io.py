@@ -1,0 +1,104 @@
+"""Reading and writing profiles: validation errors that name the key and the layer, atomic saves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .schema import Profile
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the file, the key and the layer at fault."""
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if i > 0 and loc[i - 1] == "layers":
+            parts[-1] += f'["{item}"]'
+        elif isinstance(item, int):
+            parts.append(f"[{item}]") if not parts else parts.__setitem__(-1, parts[-1] + f"[{item}]")
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(document)"
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        # Drop pydantic's union-branch noise (e.g. "coefficients.str" vs "coefficients.list[...]").
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "list"))))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {_loc_to_path(loc)}: {msg}")
+    # Keep each distinct message once, in order.
+    return "\n".join(dict.fromkeys(lines))
+
+
+def parse_profile(data: Mapping[str, Any] | Profile, where: str = "profile") -> Profile:
+    if isinstance(data, Profile):
+        return data
+    if not isinstance(data, Mapping):
+        raise ProfileError(f"{where}: a profile must be a JSON object, got {type(data).__name__}")
+    try:
+        return Profile.model_validate(dict(data))
+    except ValidationError as err:
+        raise ProfileError(format_validation_error(err, where)) from None
+
+
+def load_profile(source: str | os.PathLike[str] | Mapping[str, Any] | Profile) -> Profile:
+    """A validated profile from a path, a parsed JSON dict, or a Profile (returned as is)."""
+    if isinstance(source, (Profile, Mapping)):
+        return parse_profile(source)
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such profile file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise ProfileError(f"{path}: cannot read profile ({err.__class__.__name__})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ProfileError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    return parse_profile(data, str(path))
+
+
+def profile_to_json(profile: Profile) -> str:
+    return json.dumps(profile.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write via a temp file in the same directory and rename: readers see the old or the new file, never half."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def save_profile(profile: Profile | Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Validate and write ``profile`` atomically; an invalid profile never reaches the disk."""
+    validated = parse_profile(profile)
+    return atomic_write_text(path, profile_to_json(validated))
+
+
+def fingerprint(named_shapes: Iterable[tuple[str, Iterable[int]]]) -> str:
+    """A stable identity of a model's parameters: sha256 of sorted 'name:shape' lines (16 hex digits)."""
+    lines = sorted(f"{name}:{'x'.join(str(int(d)) for d in shape)}" for name, shape in named_shapes)
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]

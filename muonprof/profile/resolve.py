@@ -1,0 +1,157 @@
+"""Turning a profile plus a model's parameters into one concrete plan per parameter.
+
+Precedence, lowest first: torch.optim.Muon's defaults, the profile's ``defaults`` block, then the layer's
+own entry; inside a block a ``preset`` expands first and the block's explicit keys override it. All
+problems are collected and reported together, each naming its layer, so a user fixes a profile in one
+pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..lr_rules import lr_rule_factor, matrix_shape
+from ..ortho.config import PRESETS, OrthoConfig
+from .io import ProfileError, fingerprint
+from .schema import LayerSettings, Profile
+
+ORTHO_KEYS = frozenset(OrthoConfig.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Everything the optimizer needs for one parameter, resolved once at construction."""
+
+    name: str
+    optimizer: str  # "muon" | "adamw"
+    reason: str  # why this optimizer: "hidden matrix", "embedding", "profile", ...
+    shape: tuple[int, ...]
+    ortho: OrthoConfig | None = None
+    lr_rule: str = "original"
+    lr_scale: float = 1.0
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """The (fan_out, fan_in) matrix Muon orthogonalizes: conv weights flattened to (out, in*kh*kw)."""
+        return matrix_shape(self.shape)
+
+    @property
+    def lr_factor(self) -> float:
+        """lr_rule(shape) x lr_scale: the layer's step size is base lr times this."""
+        if self.optimizer != "muon":
+            return self.lr_scale
+        return lr_rule_factor(self.lr_rule, *self.matrix_shape) * self.lr_scale
+
+
+def _apply_block(settings: dict[str, Any], block: LayerSettings) -> None:
+    explicit = block.explicit()
+    preset = explicit.pop("preset", None)
+    if preset is not None:
+        settings.update(PRESETS[preset].to_dict())
+    settings.update(explicit)
+
+
+def resolve_layers(
+    profile: Profile | None,
+    shapes: Mapping[str, tuple[int, ...]],
+    routes: Mapping[str, tuple[str, str]],
+    *,
+    strict: bool = True,
+) -> dict[str, LayerPlan]:
+    """One ``LayerPlan`` per parameter name in ``shapes``.
+
+    ``routes`` gives the automatic choice per parameter (``("muon" | "adamw", reason)``). With
+    ``strict=False`` layers the profile cannot be applied to (unknown name, wrong shape, another
+    model's fingerprint) fall back to defaults with one warning that lists them; every other problem
+    is an error either way.
+    """
+    errors: list[str] = []
+    skipped: list[str] = []
+    layers = dict(profile.layers) if profile else {}
+
+    if profile is not None and profile.model is not None and profile.model.fingerprint:
+        ours = fingerprint(shapes.items())
+        if ours != profile.model.fingerprint:
+            detail = _describe_mismatch(profile, shapes)
+            msg = (
+                f"profile was made for model {profile.model.name!r} ({profile.model.fingerprint}), "
+                f"this model is {ours}{detail}"
+            )
+            if strict:
+                errors.append(msg)
+            else:
+                skipped.append(msg)
+
+    for name, entry in list(layers.items()):
+        if name not in shapes:
+            (errors if strict else skipped).append(f'layers["{name}"]: no parameter of that name in the model')
+            layers.pop(name)
+        elif entry.shape is not None and tuple(entry.shape) != tuple(shapes[name]):
+            (errors if strict else skipped).append(
+                f'layers["{name}"]: profile has shape {tuple(entry.shape)}, model has {tuple(shapes[name])}'
+            )
+            layers.pop(name)
+
+    plans: dict[str, LayerPlan] = {}
+    for name, shape in shapes.items():
+        auto_optimizer, reason = routes[name]
+        settings: dict[str, Any] = {}
+        if profile is not None:
+            _apply_block(settings, profile.defaults)
+        entry = layers.get(name)
+        if entry is not None:
+            _apply_block(settings, entry)
+            reason = "profile"
+        optimizer = auto_optimizer
+        if entry is not None and entry.optimizer is not None:
+            optimizer = entry.optimizer
+        elif profile is not None and profile.defaults.optimizer == "adamw":
+            optimizer, reason = "adamw", "profile defaults"
+        lr_scale = float(settings.get("lr_scale", 1.0))
+        lr_rule = settings.get("lr_rule", "original")
+        if optimizer == "adamw":
+            plans[name] = LayerPlan(name, "adamw", reason, tuple(shape), None, lr_rule, lr_scale)
+            continue
+        where = f'layers["{name}"]' if entry is not None else "defaults"
+        if len(shape) < 2:
+            errors.append(f"{where}: optimizer muon needs a matrix, {name!r} has shape {tuple(shape)}")
+            continue
+        try:
+            ortho = OrthoConfig.from_dict({k: v for k, v in settings.items() if k in ORTHO_KEYS})
+            plan = LayerPlan(name, "muon", reason, tuple(shape), ortho, lr_rule, lr_scale)
+            ortho.check_shape(plan.matrix_shape)
+        except ValueError as err:
+            errors.append(f"{where} (layer {name!r}, matrix {'x'.join(map(str, matrix_shape(shape)))}): {err}")
+            continue
+        plans[name] = plan
+
+    if errors:
+        raise ProfileError("\n".join(errors))
+    if skipped:
+        warnings.warn(
+            "strict=False: these profile entries do not match the model and were ignored "
+            "(those layers use defaults):\n  " + "\n  ".join(skipped),
+            stacklevel=3,
+        )
+    return plans
+
+
+def _describe_mismatch(profile: Profile, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """Name the layers behind a fingerprint mismatch, as far as the profile recorded them."""
+    missing = [n for n in profile.layers if n not in shapes]
+    reshaped = [
+        n
+        for n, e in profile.layers.items()
+        if n in shapes and e.shape is not None and tuple(e.shape) != tuple(shapes[n])
+    ]
+    recorded = {n for n, e in profile.layers.items() if e.shape is not None}
+    extra = [n for n in shapes if n not in profile.layers] if recorded else []
+    parts = []
+    for label, names in (("not in this model", missing), ("with another shape", reshaped), ("not in the profile", extra)):
+        if names:
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            parts.append(f"{len(names)} layer(s) {label}: {shown}")
+    return ("; " + "; ".join(parts)) if parts else ""

@@ -1,0 +1,160 @@
+"""The ``muonprof.profile/1`` document: pydantic models that are the contract between tune and training.
+
+The hand-writable keys (``optimizer``, ``method``, ``ns_steps``, ...) are deliberately flat and mirror
+``OrthoConfig`` so that a person can write ``{"layers": {"h.0.mlp.c_fc.weight": {"rank": 64}}}``.
+Everything else (model fingerprint, provenance, measurements) is optional, so a hand-written profile is
+a few lines while a tuned one explains every choice it made.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FORMAT = "muonprof.profile/1"
+
+Coefficients = str | list[Annotated[list[float], Field(min_length=2, max_length=3)]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Measured(BaseModel):
+    """What bench/tune measured for this layer's chosen recipe, so a reader can see why it was chosen."""
+
+    model_config = ConfigDict(extra="allow")
+
+    time_ms: float | None = Field(None, ge=0, description="Orthogonalization time per step (batched), ms.")
+    alignment: float | None = Field(None, description="<G, O> / (||G||_* ||O||_op) on captured spectra.")
+    rel_err: float | None = Field(None, ge=0, description="||O - UV^T||_F / ||UV^T||_F on captured spectra.")
+    sv_min: float | None = None
+    sv_max: float | None = None
+    baseline_time_ms: float | None = Field(None, ge=0, description="Same layer under the default recipe.")
+    baseline_alignment: float | None = None
+    source: str | None = Field(None, description="Where the numbers come from (spectral model, real run...).")
+
+
+class LayerSettings(_Strict):
+    """One layer's recipe (or the ``defaults`` block). Every key is optional: unset keys inherit."""
+
+    optimizer: Literal["muon", "adamw"] | None = Field(None, description="Which update rule the layer gets.")
+    preset: str | None = Field(None, description="A named orthogonalizer recipe, e.g. lowrank_he2025.")
+    method: Literal["newton_schulz", "svd", "lowrank", "rsvd"] | None = None
+    ns_steps: int | None = Field(None, ge=0, le=100)
+    coefficients: Coefficients | None = Field(
+        None, description="A schedule name (jordan, cubic, quintic, you, polar_express, ...) or [[a, b, c], ...]."
+    )
+    rank: int | None = Field(None, gt=0)
+    range_finder: Literal["power", "columns"] | None = None
+    power_iters: int | None = Field(None, ge=0)
+    oversample: int | None = Field(None, ge=0)
+    core: Literal["newton_schulz", "svd"] | None = None
+    full_below: int | None = Field(None, ge=0)
+    dtype: Literal["bfloat16", "float32"] | None = None
+    eps: float | None = Field(None, gt=0)
+    lr_rule: Literal["original", "match_rms_adamw", "spectral", "none"] | None = Field(
+        None, description="Shape rule: step = base lr x lr_rule(shape) x lr_scale."
+    )
+    lr_scale: float | None = Field(None, gt=0)
+
+    @field_validator("lr_scale", "eps")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("coefficients")
+    @classmethod
+    def _known_schedule(cls, value: Coefficients | None) -> Coefficients | None:
+        from ..ortho.schedules import resolve_schedule
+
+        if value is None:
+            return value
+        if isinstance(value, list) and not value:
+            raise ValueError("needs at least one row [a, b, c]")
+        resolve_schedule(value)
+        for row in value if isinstance(value, list) else []:
+            if not all(math.isfinite(v) for v in row):
+                raise ValueError("coefficients must be finite numbers")
+        return value
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        from ..ortho.config import PRESETS
+
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r} (known: {', '.join(sorted(PRESETS))})")
+        return value
+
+    def explicit(self) -> dict[str, Any]:
+        """Only the keys the author actually set."""
+        return self.model_dump(exclude_none=True, exclude_unset=True)
+
+
+class LayerEntry(LayerSettings):
+    """A layer's recipe plus what was measured and recorded about it (never read by the optimizer)."""
+
+    role: str | None = Field(None, description="attn_qkv, attn_out, mlp_up, mlp_down, conv, ... (informational).")
+    shape: list[int] | None = Field(None, description="The parameter's shape when the profile was made.")
+    lr_factor: float | None = Field(
+        None, description="Resolved lr_rule(shape) x lr_scale, written by tune for readers; not read back."
+    )
+    measured: Measured | None = None
+
+
+class ModelInfo(_Strict):
+    name: str = Field(..., description="The model spec the profile was tuned on (e.g. gpt2-small).")
+    fingerprint: str | None = Field(None, description="sha256 prefix of sorted 'name:shape' lines.")
+    num_parameters: int | None = Field(None, ge=0)
+    config: dict[str, Any] | None = None
+
+
+class Provenance(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    created: str | None = None
+    muonprof_version: str | None = None
+    torch_version: str | None = None
+    python_version: str | None = None
+    device: str | None = None
+    device_name: str | None = None
+    host: str | None = None
+    command: str | None = None
+    study: dict[str, Any] | None = None
+
+
+class Conventions(BaseModel):
+    """The update conventions the profile assumes; 'Muon' means several update magnitudes in the wild."""
+
+    model_config = ConfigDict(extra="allow")
+
+    momentum: Literal["ema"] = "ema"
+    nesterov: bool = True
+    normalization: str = "X / max(||X||_F * norm_scale, eps) before Newton-Schulz"
+    lr: str = "base lr x lr_rule(fan_out, fan_in of the orthogonalized matrix) x lr_scale"
+    weight_decay: str = "decoupled: p *= 1 - base_lr * weight_decay (unadjusted lr, as torch.optim.Muon)"
+    conv: str = "conv weights flattened to (out, in*kh*kw); lr_rule uses that matrix's shape"
+
+
+class Profile(_Strict):
+    """A ``muonprof.profile/1`` document."""
+
+    format: Literal["muonprof.profile/1"] = Field(FORMAT, description="Format tag; must be muonprof.profile/1.")
+    model: ModelInfo | None = None
+    provenance: Provenance | None = None
+    conventions: Conventions | None = None
+    defaults: LayerSettings = Field(default_factory=LayerSettings)
+    layers: dict[str, LayerEntry] = Field(default_factory=dict)
+    notes: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_first(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "format" not in data:
+            raise ValueError(f'missing "format": expected "{FORMAT}"')
+        return data
