@@ -32,13 +32,12 @@ def newton_schulz(
     """
     if G.ndim not in (2, 3):
         raise ValueError(f"newton_schulz expects (m, n) or (B, m, n), got shape {tuple(G.shape)}")
-    squeeze = G.ndim == 2
     schedule = resolve_schedule(coefficients)
-    # `.to` may return G itself when the dtype already matches; everything below is out of place, so the
-    # caller's tensor (e.g. a momentum buffer) is never modified. torch 2.13 gets this wrong for bf16.
+    # A single matrix takes torch.optim.Muon's exact kernels (addmm); a batch takes baddbmm. `.to` may
+    # return G itself when the dtype already matches; everything below is out of place, so the caller's
+    # tensor (e.g. a momentum buffer) is never modified (torch 2.13 gets this wrong for bf16).
+    fma = torch.addmm if G.ndim == 2 else torch.baddbmm
     X = G.to(dtype)
-    if squeeze:
-        X = X.unsqueeze(0)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
@@ -50,13 +49,11 @@ def newton_schulz(
         A = X @ X.mT
         if c == 0.0:
             # Cubic: X <- a X + b A X, one product fewer than the quintic form.
-            X = torch.baddbmm(X, A, X, beta=a, alpha=b)
+            X = fma(X, A, X, beta=a, alpha=b)
         else:
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a)
-    if tall:
-        X = X.mT
-    return X.squeeze(0) if squeeze else X
+            B = fma(A, A, A, beta=b, alpha=c)
+            X = fma(X, B, X, beta=a)
+    return X.mT if tall else X
 
 
 def newton_schulz_flops(m: int, n: int, steps: int, cubic: bool = False) -> float:

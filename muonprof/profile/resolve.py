@@ -115,7 +115,7 @@ def resolve_layers(
         if optimizer == "adamw":
             plans[name] = LayerPlan(name, "adamw", reason, tuple(shape), None, lr_rule, lr_scale)
             continue
-        where = f'layers["{name}"]' if entry is not None else "defaults"
+        where = f'layers["{name}"]' if entry is not None else f"defaults (applied to {name!r})"
         if len(shape) < 2:
             errors.append(f"{where}: optimizer muon needs a matrix, {name!r} has shape {tuple(shape)}")
             continue
@@ -124,7 +124,7 @@ def resolve_layers(
             plan = LayerPlan(name, "muon", reason, tuple(shape), ortho, lr_rule, lr_scale)
             ortho.check_shape(plan.matrix_shape)
         except ValueError as err:
-            errors.append(f"{where} (layer {name!r}, matrix {'x'.join(map(str, matrix_shape(shape)))}): {err}")
+            errors.append(f"{where} (matrix {'x'.join(map(str, matrix_shape(shape)))}): {err}")
             continue
         plans[name] = plan
 
