@@ -44,7 +44,8 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
     ] = False,
 ) -> None:
     """Profile, tune and run the Muon family of optimizers per layer."""
@@ -54,7 +55,8 @@ def _root(
 def profile_check(
     file: Annotated[Path, typer.Argument(help="The profile JSON to validate.")],
     model: Annotated[
-        str | None, typer.Option("--model", help="Also check it against this model (built-in or module:factory).")
+        str | None,
+        typer.Option("--model", help="Also check it against this model (built-in or module:factory)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
 ) -> None:

@@ -35,7 +35,10 @@ def test_python_dash_m_entry_point() -> None:
 
 
 def test_profile_check_valid_file_against_a_model(tmp_path: Path) -> None:
-    path = write(tmp_path, {"format": FMT, "layers": {"2.weight": {"method": "lowrank", "rank": 16, "dtype": "float32"}}})
+    path = write(
+        tmp_path,
+        {"format": FMT, "layers": {"2.weight": {"method": "lowrank", "rank": 16, "dtype": "float32"}}},
+    )
     result = runner.invoke(app, ["profile", "check", str(path), "--model", "mlp"])
     assert result.exit_code == 0, result.output
     assert "lowrank-r16" in result.output
@@ -49,7 +52,10 @@ def test_profile_check_valid_file_against_a_model(tmp_path: Path) -> None:
 def test_profile_check_errors_are_one_line_each_without_traceback(tmp_path: Path) -> None:
     cases = [
         ("{not json", "not valid JSON"),
-        (json.dumps({"format": FMT, "layers": {"2.weight": {"method": "magic"}}}), 'layers["2.weight"].method'),
+        (
+            json.dumps({"format": FMT, "layers": {"2.weight": {"method": "magic"}}}),
+            'layers["2.weight"].method',
+        ),
     ]
     for text, expected in cases:
         result = runner.invoke(app, ["profile", "check", str(write(tmp_path, text))])

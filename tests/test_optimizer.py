@@ -221,7 +221,10 @@ def test_profile_can_move_a_layer_to_adamw_and_use_presets() -> None:
 
 def test_profile_for_another_model_is_refused_with_the_layers_named() -> None:
     model = TinyLM()
-    other = {"format": "muonprof.profile/1", "layers": {"transformer.h.0.attn.c_attn.weight": {"ns_steps": 3}}}
+    other = {
+        "format": "muonprof.profile/1",
+        "layers": {"transformer.h.0.attn.c_attn.weight": {"ns_steps": 3}},
+    }
     with pytest.raises(ProfileError, match=r"transformer\.h\.0\.attn\.c_attn\.weight"):
         ProfiledMuon(model, other)
     with pytest.warns(UserWarning, match=r"transformer\.h\.0\.attn\.c_attn\.weight"):
@@ -245,8 +248,11 @@ def test_fingerprint_mismatch_names_reshaped_layers() -> None:
 
 def test_rank_larger_than_layer_is_an_error_naming_the_layer() -> None:
     model = TinyLM(width=32)
-    profile = {"format": "muonprof.profile/1", "layers": {"blocks.0.1.weight": {"method": "lowrank", "rank": 40}}}
-    with pytest.raises(ProfileError, match=r'blocks\.0\.1\.weight.*rank: 40 exceeds min\(m, n\) = 32'):
+    profile = {
+        "format": "muonprof.profile/1",
+        "layers": {"blocks.0.1.weight": {"method": "lowrank", "rank": 40}},
+    }
+    with pytest.raises(ProfileError, match=r"blocks\.0\.1\.weight.*rank: 40 exceeds min\(m, n\) = 32"):
         ProfiledMuon(model, profile)
 
 

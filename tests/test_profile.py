@@ -35,7 +35,7 @@ def test_hand_written_minimal_profile_resolves_with_torch_defaults() -> None:
     plans = resolve({"format": FMT, "layers": {"2.weight": {"ns_steps": 3}}})
     assert plans["2.weight"].ortho.ns_steps == 3 and plans["2.weight"].ortho.coefficients == "jordan"
     assert plans["0.weight"].ortho.ns_steps == 5 and plans["0.weight"].ortho.dtype == "bfloat16"
-    assert plans["0.weight"].lr_factor == pytest.approx(2 ** 0.5)  # 32x16: sqrt(max(1, 32/16))
+    assert plans["0.weight"].lr_factor == pytest.approx(2**0.5)  # 32x16: sqrt(max(1, 32/16))
     assert plans["4.weight"].optimizer == "adamw" and plans["0.bias"].optimizer == "adamw"
 
 
@@ -65,9 +65,18 @@ def test_defaults_optimizer_adamw_moves_every_unlisted_layer() -> None:
         ({"layers": {}}, 'missing "format"'),
         ({"format": "muonprof.profile/2"}, "format: Input should be 'muonprof.profile/1'"),
         ({"format": FMT, "layers": {"2.weight": {"method": "qr"}}}, r'layers\["2\.weight"\]\.method'),
-        ({"format": FMT, "layers": {"2.weight": {"rank": -4}}}, r'layers\["2\.weight"\]\.rank: Input should be greater than 0'),
-        ({"format": FMT, "layers": {"2.weight": {"ns_stepz": 3}}}, r'layers\["2\.weight"\]\.ns_stepz: Extra inputs'),
-        ({"format": FMT, "defaults": {"coefficients": "bogus"}}, "defaults.coefficients: unknown coefficient schedule"),
+        (
+            {"format": FMT, "layers": {"2.weight": {"rank": -4}}},
+            r'layers\["2\.weight"\]\.rank: Input should be greater than 0',
+        ),
+        (
+            {"format": FMT, "layers": {"2.weight": {"ns_stepz": 3}}},
+            r'layers\["2\.weight"\]\.ns_stepz: Extra inputs',
+        ),
+        (
+            {"format": FMT, "defaults": {"coefficients": "bogus"}},
+            "defaults.coefficients: unknown coefficient schedule",
+        ),
         ({"format": FMT, "defaults": {"coefficients": [[1.0]]}}, "defaults.coefficients"),
         ({"format": FMT, "layers": {"x": {"lr_scale": 0}}}, r'layers\["x"\]\.lr_scale'),
         ({"format": FMT, "layers": {"x": {"preset": "fast"}}}, "unknown preset 'fast'"),
@@ -118,8 +127,14 @@ def test_save_is_atomic_and_round_trips(tmp_path: Path) -> None:
         "format": FMT,
         "model": {"name": "mlp", "fingerprint": "sha256:0123456789abcdef"},
         "defaults": {"dtype": "float32"},
-        "layers": {"2.weight": {"method": "lowrank", "rank": 8, "coefficients": [[3.0, -3.2, 1.2], [1.5, -0.5]],
-                                "measured": {"time_ms": 0.5, "alignment": 0.97, "source": "spectral model"}}},
+        "layers": {
+            "2.weight": {
+                "method": "lowrank",
+                "rank": 8,
+                "coefficients": [[3.0, -3.2, 1.2], [1.5, -0.5]],
+                "measured": {"time_ms": 0.5, "alignment": 0.97, "source": "spectral model"},
+            }
+        },
     }
     save_profile(doc, path)
     loaded = load_profile(path)
@@ -134,9 +149,22 @@ def test_save_is_atomic_and_round_trips(tmp_path: Path) -> None:
 
 
 def test_shipped_schema_is_current_and_describes_the_hand_written_keys() -> None:
-    assert shipped_json_schema() == json_schema(), "run: muonprof profile schema --out muonprof/profile/profile.schema.json"
+    assert shipped_json_schema() == json_schema(), (
+        "run: muonprof profile schema --out muonprof/profile/profile.schema.json"
+    )
     layer = json_schema()["$defs"]["LayerEntry"]["properties"]
-    for key in ("optimizer", "method", "ns_steps", "coefficients", "rank", "range_finder", "power_iters",
-                "oversample", "dtype", "lr_rule", "lr_scale"):
+    for key in (
+        "optimizer",
+        "method",
+        "ns_steps",
+        "coefficients",
+        "rank",
+        "range_finder",
+        "power_iters",
+        "oversample",
+        "dtype",
+        "lr_rule",
+        "lr_scale",
+    ):
         assert key in layer, key
     assert json.loads(json.dumps(json_schema()))["properties"]["format"]["const"] == FMT

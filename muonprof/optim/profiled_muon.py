@@ -86,7 +86,14 @@ class ProfiledMuon(torch.optim.Optimizer):
         groups: list[dict[str, Any]] = []
         if muon:
             groups.append(
-                dict(params=muon, use_muon=True, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+                dict(
+                    params=muon,
+                    use_muon=True,
+                    lr=lr,
+                    momentum=momentum,
+                    nesterov=nesterov,
+                    weight_decay=weight_decay,
+                )
             )
         if adamw:
             groups.append(
@@ -232,7 +239,9 @@ class ProfiledMuon(torch.optim.Optimizer):
 
     def nonfinite_counts(self) -> dict[str, int]:
         """Steps skipped per layer because of NaN/Inf gradients (synchronizes: call it outside the loop)."""
-        names = {id(p): plan.name for p, plan in ((p, self._plan_of[id(p)]) for g in self.param_groups for p in g["params"])}
+        names = {
+            id(p): plan.name for p, plan in ((p, self._plan_of[id(p)]) for g in self.param_groups for p in g["params"])
+        }
         return {
             names[id(p)]: int(st["nonfinite_steps"])
             for p, st in self.state.items()
@@ -299,7 +308,10 @@ def _check_hparams(
         (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}"),
         (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
         (adamw_lr >= 0, f"adamw_lr must be >= 0, got {adamw_lr}"),
-        (len(adamw_betas) == 2 and all(0 <= b < 1 for b in adamw_betas), f"adamw_betas must be in [0, 1), got {adamw_betas}"),
+        (
+            len(adamw_betas) == 2 and all(0 <= b < 1 for b in adamw_betas),
+            f"adamw_betas must be in [0, 1), got {adamw_betas}",
+        ),
         (adamw_eps > 0, f"adamw_eps must be > 0, got {adamw_eps}"),
         (adamw_weight_decay >= 0, f"adamw_weight_decay must be >= 0, got {adamw_weight_decay}"),
     ]

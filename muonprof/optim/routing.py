@@ -68,7 +68,7 @@ def _find_heads(linears: list[tuple[str, nn.Linear]], vocab_sizes: set[int]) -> 
     named = {id(m): f"output head (named {n.rsplit('.', 1)[-1]!r})" for n, m in linears if HEAD_NAME.search(n)}
     if named:
         return named
-    name, last = linears[-1]
+    _, last = linears[-1]
     return {id(last): "output head (last Linear, projects to the outputs)"}
 
 

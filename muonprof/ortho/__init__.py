@@ -40,9 +40,7 @@ __all__ = [
 ]
 
 
-def orthogonalize(
-    G: Tensor, config: OrthoConfig | None = None, *, generator: torch.Generator | None = None
-) -> Tensor:
+def orthogonalize(G: Tensor, config: OrthoConfig | None = None, *, generator: torch.Generator | None = None) -> Tensor:
     """The orthogonalized update of ``G`` (``(m, n)`` or ``(B, m, n)``) under ``config``; same shape.
 
     The result is in the config's compute dtype (float32 for ``svd``); callers add it to parameters of
@@ -54,7 +52,11 @@ def orthogonalize(
     config.check_shape(tuple(G.shape))
     if config.method == "newton_schulz":
         return newton_schulz(
-            G, steps=config.ns_steps, coefficients=config.coefficients, dtype=config.torch_dtype, eps=config.eps
+            G,
+            steps=config.ns_steps,
+            coefficients=config.coefficients,
+            dtype=config.torch_dtype,
+            eps=config.eps,
         )
     if config.method == "svd":
         return svd_polar(G)

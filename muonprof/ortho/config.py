@@ -92,9 +92,7 @@ class OrthoConfig:
             short = min(shape[-2], shape[-1])
             gated = self.method == "lowrank" and short <= self.full_below
             if self.rank > short and not gated:
-                raise ValueError(
-                    f"rank: {self.rank} exceeds min(m, n) = {short} of a {shape[-2]}x{shape[-1]} matrix"
-                )
+                raise ValueError(f"rank: {self.rank} exceeds min(m, n) = {short} of a {shape[-2]}x{shape[-1]} matrix")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -18,7 +18,7 @@ def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
 def numerical_rank_mask(S: Tensor, m: int, n: int) -> Tensor:
     """Which singular values count as non-zero: above max(m, n) * eps * s_max, LAPACK's usual rule."""
     tol = S[..., :1] * (max(m, n) * torch.finfo(S.dtype).eps)
-    return S > tol
+    return tol < S
 
 
 def svd_polar(G: Tensor) -> Tensor:

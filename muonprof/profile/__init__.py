@@ -6,7 +6,15 @@ import json
 from importlib import resources
 from typing import Any
 
-from .io import ProfileError, atomic_write_text, fingerprint, load_profile, parse_profile, profile_to_json, save_profile
+from .io import (
+    ProfileError,
+    atomic_write_text,
+    fingerprint,
+    load_profile,
+    parse_profile,
+    profile_to_json,
+    save_profile,
+)
 from .resolve import LayerPlan, resolve_layers
 from .schema import FORMAT, LayerEntry, LayerSettings, Measured, ModelInfo, Profile, Provenance
 

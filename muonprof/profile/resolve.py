@@ -150,7 +150,11 @@ def _describe_mismatch(profile: Profile, shapes: Mapping[str, tuple[int, ...]]) 
     recorded = {n for n, e in profile.layers.items() if e.shape is not None}
     extra = [n for n in shapes if n not in profile.layers] if recorded else []
     parts = []
-    for label, names in (("not in this model", missing), ("with another shape", reshaped), ("not in the profile", extra)):
+    for label, names in (
+        ("not in this model", missing),
+        ("with another shape", reshaped),
+        ("not in the profile", extra),
+    ):
         if names:
             shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
             parts.append(f"{len(names)} layer(s) {label}: {shown}")

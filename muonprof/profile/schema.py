@@ -45,7 +45,8 @@ class LayerSettings(_Strict):
     method: Literal["newton_schulz", "svd", "lowrank", "rsvd"] | None = None
     ns_steps: int | None = Field(None, ge=0, le=100)
     coefficients: Coefficients | None = Field(
-        None, description="A schedule name (jordan, cubic, quintic, you, polar_express, ...) or [[a, b, c], ...]."
+        None,
+        description="A schedule name (jordan, cubic, quintic, you, polar_express, ...) or [[a, b, c], ...].",
     )
     rank: int | None = Field(None, gt=0)
     range_finder: Literal["power", "columns"] | None = None
