@@ -22,8 +22,38 @@ from .exact import numerical_rank_mask, svd_polar
 from .newton_schulz import newton_schulz
 
 
+def cholesky_qr(Y: Tensor, shift: float = 1e-6, passes: int = 3) -> Tensor:
+    """Orthonormal columns spanning Y's range by shifted CholeskyQR3: passes of Y <- Y chol(Y^T Y + sI)^-T.
+
+    Why: on a GPU batched Householder QR and eigh are slow (H100, 12 x 768 x 104: QR 5 ms, eigh 20 ms,
+    Cholesky + triangular solve 0.17 ms), and they dominated the low-rank step. The later passes restore
+    orthogonality to float32 level; the trace-relative shift keeps Cholesky defined when Y is rank
+    deficient (those directions come out as near-zero columns, which contribute nothing downstream).
+    """
+    Y = Y.float()
+    eye = torch.eye(Y.size(-1), device=Y.device, dtype=Y.dtype)
+    for _ in range(passes):
+        gram = Y.mT @ Y
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-30)
+        L = torch.linalg.cholesky_ex(gram + (shift * trace)[..., None, None] * eye).L
+        Y = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)
+    return Y
+
+
 def _qr_q(Y: Tensor) -> Tensor:
-    return torch.linalg.qr(Y.float(), mode="reduced").Q
+    """Orthonormal basis of Y's columns, float32: Householder on CPU, CholeskyQR2 on accelerators."""
+    if Y.device.type == "cpu":
+        return torch.linalg.qr(Y.float(), mode="reduced").Q
+    return cholesky_qr(Y)
+
+
+def _small_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a short-wide B (l x n). On CUDA via the transposed tall matrix and cuSOLVER's gesvda,
+    which is ~30x faster than the default batched driver for these shapes (measured on an H100)."""
+    if B.device.type == "cuda":
+        U, S, Vh = torch.linalg.svd(B.mT, full_matrices=False, driver="gesvda")
+        return Vh.mT, S, U.mT
+    return torch.linalg.svd(B, full_matrices=False)
 
 
 def range_finder(
@@ -62,14 +92,12 @@ def range_finder(
 def truncate_basis(Q: Tensor, X: Tensor, rank: int) -> Tensor:
     """Narrow an oversampled basis Q (m x l) to the leading rank-``rank`` subspace of Q Q^T X.
 
-    Uses the l x l Gram matrix of B = Q^T X: its top eigenvectors are B's top left singular vectors.
-    Squaring the condition number only blurs the discarded tail, which is what we throw away.
+    The top left singular vectors of the small B = Q^T X (l x n) rotate Q onto that subspace.
     """
     if Q.size(-1) <= rank:
         return Q
-    B = Q.mT @ X.float()
-    _, vecs = torch.linalg.eigh(B @ B.mT)  # ascending eigenvalues
-    return Q @ vecs[..., -rank:]
+    U, _, _ = _small_svd(Q.mT @ X.float())
+    return Q @ U[..., :rank]
 
 
 def _as_wide_batch(G: Tensor) -> tuple[Tensor, bool, bool]:
@@ -132,7 +160,7 @@ def rsvd_factors(
         oversample=config.oversample,
         generator=generator,
     )
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ Xc.float(), full_matrices=False)
+    Ub, S, Vh = _small_svd(Q.mT @ Xc.float())
     r = min(config.rank, S.size(-1))
     return Q @ Ub[..., :r], S[..., :r], Vh[..., :r, :]
 
