@@ -100,6 +100,18 @@ def truncate_basis(Q: Tensor, X: Tensor, rank: int) -> Tensor:
     return Q @ U[..., :rank]
 
 
+def _configured_range_finder(X: Tensor, config: OrthoConfig, generator: torch.Generator | None) -> Tensor:
+    assert config.rank is not None
+    return range_finder(
+        X,
+        config.rank,
+        method=config.range_finder,
+        power_iters=config.power_iters,
+        oversample=config.oversample,
+        generator=generator,
+    )
+
+
 def _as_wide_batch(G: Tensor) -> tuple[Tensor, bool, bool]:
     squeeze = G.ndim == 2
     X = G.unsqueeze(0) if squeeze else G
@@ -127,14 +139,7 @@ def lowrank_orthogonalize(G: Tensor, config: OrthoConfig, generator: torch.Gener
     if short <= config.full_below:
         return newton_schulz(G, **ns)  # type: ignore[arg-type]
     Xc = X.to(config.torch_dtype)
-    Q = range_finder(
-        Xc,
-        config.rank,
-        method=config.range_finder,
-        power_iters=config.power_iters,
-        oversample=config.oversample,
-        generator=generator,
-    )
+    Q = _configured_range_finder(Xc, config, generator)
     Q = truncate_basis(Q, Xc, config.rank).to(config.torch_dtype)
     core = Q.mT @ Xc  # (B, r, n): wide whenever r <= m <= n
     if config.core == "svd":
@@ -152,14 +157,7 @@ def rsvd_factors(
         raise ValueError("rsvd needs a rank")
     X, _, _ = _as_wide_batch(G)
     Xc = X.to(config.torch_dtype)
-    Q = range_finder(
-        Xc,
-        config.rank,
-        method=config.range_finder,
-        power_iters=config.power_iters,
-        oversample=config.oversample,
-        generator=generator,
-    )
+    Q = _configured_range_finder(Xc, config, generator)
     Ub, S, Vh = _small_svd(Q.mT @ Xc.float())
     r = min(config.rank, S.size(-1))
     return Q @ Ub[..., :r], S[..., :r], Vh[..., :r, :]
