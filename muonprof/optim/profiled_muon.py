@@ -164,18 +164,21 @@ class ProfiledMuon(torch.optim.Optimizer):
             O = orthogonalize(stacked, ortho, generator=generator)
             if ok is not None:
                 # Zero the skipped layers' updates; multiplying by exactly 1.0 keeps the others bit-identical
-                # to an unmasked step (and so to torch.optim.Muon).
-                O = O * ok.view(-1, 1, 1).to(O.dtype)
+                # to an unmasked step (and so to torch.optim.Muon). O is a fresh tensor: in place is safe.
+                O.mul_(ok.view(-1, 1, 1).to(O.dtype))
             if wd != 0:
                 if ok is None:
                     torch._foreach_mul_(params, 1 - lr * wd)
                 else:
-                    decay = torch.where(ok, torch.tensor(1 - lr * wd, device=device), torch.ones((), device=device))
+                    # Python scalars, not torch.tensor(..., device=...): building a device tensor from a
+                    # host value would block the host on every step.
+                    decay = torch.where(ok, 1 - lr * wd, 1.0)
                     for p, d in zip(params, decay.unbind(0)):
                         p.mul_(d)
             factors = [self._plan_of[id(p)].lr_factor for p in params]
-            if len(set(factors)) > 1:
-                O = O * torch.tensor([f / factors[0] for f in factors], device=device).view(-1, 1, 1)
+            for o, f in zip(O.unbind(0), factors):
+                if f != factors[0]:
+                    o.mul_(f / factors[0])
             torch._foreach_add_(params, [o.view_as(p) for o, p in zip(O.unbind(0), params)], alpha=-lr * factors[0])
 
     def _adamw_step(self, group: dict[str, Any]) -> None:

@@ -92,11 +92,17 @@ def range_finder(
 def truncate_basis(Q: Tensor, X: Tensor, rank: int) -> Tensor:
     """Narrow an oversampled basis Q (m x l) to the leading rank-``rank`` subspace of Q Q^T X.
 
-    The top left singular vectors of the small B = Q^T X (l x n) rotate Q onto that subspace.
+    The top left singular vectors of the small B = Q^T X (l x n) rotate Q onto that subspace. On CPU
+    they come from eigh of the l x l Gram B B^T (5-10x faster there than an SVD of B; squaring the
+    condition number only blurs the tail we discard); on CUDA from the gesvda SVD (eigh is slow there).
     """
     if Q.size(-1) <= rank:
         return Q
-    U, _, _ = _small_svd(Q.mT @ X.float())
+    B = (Q.mT.to(X.dtype) @ X).float()
+    if B.device.type == "cpu":
+        _, vecs = torch.linalg.eigh(B @ B.mT)  # ascending eigenvalues
+        return Q @ vecs[..., -rank:]
+    U, _, _ = _small_svd(B)
     return Q @ U[..., :rank]
 
 
