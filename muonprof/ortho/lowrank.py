@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .config import OrthoConfig
 from .exact import numerical_rank_mask, svd_polar
-from .newton_schulz import newton_schulz
+from .newton_schulz import frobenius_norm, newton_schulz
 
 
 def cholesky_qr(Y: Tensor, shift: float = 1e-6, passes: int = 3) -> Tensor:
@@ -118,6 +118,10 @@ def _configured_range_finder(X: Tensor, config: OrthoConfig, generator: torch.Ge
     )
 
 
+def _unit_frobenius(X: Tensor) -> Tensor:
+    return X / frobenius_norm(X).clamp(min=torch.finfo(X.dtype).tiny)
+
+
 def _as_wide_batch(G: Tensor) -> tuple[Tensor, bool, bool]:
     squeeze = G.ndim == 2
     X = G.unsqueeze(0) if squeeze else G
@@ -144,7 +148,8 @@ def lowrank_orthogonalize(G: Tensor, config: OrthoConfig, generator: torch.Gener
     ns = dict(steps=config.ns_steps, coefficients=config.coefficients, dtype=config.torch_dtype, eps=config.eps)
     if short <= config.full_below:
         return newton_schulz(G, **ns)  # type: ignore[arg-type]
-    Xc = X.to(config.torch_dtype)
+    # Scale-free from here on (the result does not depend on ||G||), and no Gram matrix can overflow.
+    Xc = _unit_frobenius(X).to(config.torch_dtype)
     Q = _configured_range_finder(Xc, config, generator)
     Q = truncate_basis(Q, Xc, config.rank).to(config.torch_dtype)
     core = Q.mT @ Xc  # (B, r, n): wide whenever r <= m <= n
@@ -171,8 +176,8 @@ def rsvd_factors(
 
 def rsvd_orthogonalize(G: Tensor, config: OrthoConfig, generator: torch.Generator | None = None) -> Tensor:
     """U_r V_r^T from a randomized SVD; singular values that are numerically zero are dropped."""
-    _, tall, squeeze = _as_wide_batch(G)
-    U, S, Vh = rsvd_factors(G, config, generator)
+    X, tall, squeeze = _as_wide_batch(G)
+    U, S, Vh = rsvd_factors(_unit_frobenius(X), config, generator)
     keep = numerical_rank_mask(S, G.size(-2), G.size(-1)).float()
     O = (U * keep.unsqueeze(-2)) @ Vh
     return _restore(O.to(config.torch_dtype), tall, squeeze)

@@ -41,7 +41,7 @@ def newton_schulz(
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    norm = frobenius_norm(X)
     if schedule.norm_scale != 1.0:
         norm = norm * schedule.norm_scale
     X = X / norm.clamp(min=eps)
@@ -54,6 +54,18 @@ def newton_schulz(
             B = fma(A, A, A, beta=b, alpha=c)
             X = fma(X, B, X, beta=a)
     return X.mT if tall else X
+
+
+def frobenius_norm(X: Tensor) -> Tensor:
+    """||X||_F over the last two dims (keepdim), safe for entries whose squares overflow (|x| > ~1e19).
+
+    The plain norm is kept wherever it is finite, so ordinary inputs get torch.optim.Muon's exact value;
+    elsewhere the matrix is rescaled by its largest entry first. Both are computed (no host sync).
+    """
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(X.dtype).tiny)
+    rescaled = amax * torch.linalg.vector_norm(X / amax, dim=(-2, -1), keepdim=True)
+    return torch.where(torch.isfinite(norm), norm, rescaled)
 
 
 def newton_schulz_flops(m: int, n: int, steps: int, cubic: bool = False) -> float:
