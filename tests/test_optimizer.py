@@ -90,7 +90,7 @@ def test_batched_same_shape_layers_match_torch_within_bf16_rounding() -> None:
     layers = nn.ModuleList(nn.Linear(40, 40, bias=False) for _ in range(4))
     ref = copy.deepcopy(layers)
     grads = [torch.randn(40, 40) for _ in layers]
-    opt = ProfiledMuon(layers.named_parameters(), lr=LR, weight_decay=WD)
+    opt = ProfiledMuon(layers.named_parameters(), lr=LR, weight_decay=WD, batch=True)
     ref_opt = torch.optim.Muon(ref.parameters(), lr=LR, weight_decay=WD)
     for model in (layers, ref):
         for p, g in zip(model.parameters(), grads):
@@ -112,10 +112,14 @@ def test_same_shape_and_config_layers_are_orthogonalized_in_one_call(monkeypatch
 
     monkeypatch.setattr(pm_module, "orthogonalize", counting)
     model = TinyLM(blocks=3)
-    opt = ProfiledMuon(model)
+    opt = ProfiledMuon(model, batch=True)  # the accelerator default; CPU defaults to one call per matrix
     lm_loss(model, 0).backward()
     opt.step()
     assert sorted(calls) == [(3, 32, 64), (3, 64, 32)]
+    calls.clear()
+    cpu_default = ProfiledMuon(model)
+    cpu_default.step()
+    assert sorted(calls) == [(32, 64)] * 3 + [(64, 32)] * 3
 
 
 # ---------------------------------------------------------------- routing
@@ -341,11 +345,12 @@ def test_parameters_without_grad_are_left_alone() -> None:
 # ---------------------------------------------------------------- non-finite gradients
 
 
-def test_nonfinite_gradient_skips_only_that_layer() -> None:
+@pytest.mark.parametrize("batch", [False, True])
+def test_nonfinite_gradient_skips_only_that_layer(batch: bool) -> None:
     torch.manual_seed(0)
-    model, clean = TinyLM(), None
+    model = TinyLM()
     clean = copy.deepcopy(model)
-    opt, clean_opt = ProfiledMuon(model), ProfiledMuon(clean)
+    opt, clean_opt = ProfiledMuon(model, batch=batch, weight_decay=0.1), ProfiledMuon(clean, batch=batch)
     _train(model, opt, range(2))
     _train(clean, clean_opt, range(2))
     bad_matrix, bad_vector = model.blocks[0][1].weight, model.blocks[0][1].bias
