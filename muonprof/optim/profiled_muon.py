@@ -256,11 +256,8 @@ class ProfiledMuon(torch.optim.Optimizer):
 
     def nonfinite_counts(self) -> dict[str, int]:
         """Steps skipped per layer because of NaN/Inf gradients (synchronizes: call it outside the loop)."""
-        names = {
-            id(p): plan.name for p, plan in ((p, self._plan_of[id(p)]) for g in self.param_groups for p in g["params"])
-        }
         return {
-            names[id(p)]: int(st["nonfinite_steps"])
+            self._plan_of[id(p)].name: int(st["nonfinite_steps"])
             for p, st in self.state.items()
             if "nonfinite_steps" in st and int(st["nonfinite_steps"]) > 0
         }

@@ -20,12 +20,11 @@ class ProfileError(ValueError):
 
 
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    """('layers', 'h.0.weight', 'rank') -> layers["h.0.weight"].rank; list indices as [i]."""
     parts: list[str] = []
     for i, item in enumerate(loc):
-        if i > 0 and loc[i - 1] == "layers":
-            parts[-1] += f'["{item}"]'
-        elif isinstance(item, int):
-            parts.append(f"[{item}]") if not parts else parts.__setitem__(-1, parts[-1] + f"[{item}]")
+        if parts and (loc[i - 1] == "layers" or isinstance(item, int)):
+            parts[-1] += f'["{item}"]' if loc[i - 1] == "layers" else f"[{item}]"
         else:
             parts.append(str(item))
     return ".".join(parts) or "(document)"
