@@ -59,10 +59,10 @@ def newton_schulz(
 def frobenius_norm(X: Tensor) -> Tensor:
     """||X||_F over the last two dims (keepdim), exactly as torch.optim.Muon computes it.
 
-    Entries above ~1.8e19 in magnitude overflow the sum of squares (in fp32 and bf16 alike): the norm is
-    inf and the orthogonalized update is zero for that matrix, never NaN. Guarding against it costs two
-    extra passes over X (~+10% of a CPU step at GPT-2-small sizes, measured), too much for a case that is
-    already a diverged run.
+    A Frobenius norm above ~1.8e19 overflows the sum of squares (fp32 and bf16 alike; entries of ~6e18 do it
+    in a 96x48 matrix): the norm is inf and the orthogonalized update is zero for that matrix, never NaN.
+    Guarding against it costs two extra passes over X (~+10% of a CPU step at GPT-2-small sizes,
+    measured), too much for a case that is already a diverged run.
     """
     return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
 

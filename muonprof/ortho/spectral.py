@@ -77,7 +77,10 @@ def model_singular_values(s: Tensor | Sequence[float], config: OrthoConfig) -> T
     if config.method == "rsvd" or config.core == "svd":
         out_head = keep[..., :r].to(torch.float64)
     else:
-        out_head = ns_singular_values(head, **ns)  # type: ignore[arg-type]
+        # The low-rank path is scale-free: G is divided by ||G||_F before the core is formed (lowrank.py,
+        # ``_unit_frobenius``), so ``eps`` only ever meets the core's norm ||head|| / ||s||, never ||head||.
+        fro = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+        out_head = ns_singular_values(head / fro, **ns)  # type: ignore[arg-type]
     return torch.cat([out_head, torch.zeros_like(x[..., r:])], dim=-1)
 
 
