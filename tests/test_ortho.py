@@ -658,6 +658,8 @@ def test_dtype_aliases_normalize(alias: str, name: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Schedules
 
+# An independent copy of the paper's raw table (Algorithm 1), on purpose: importing the shipped one would
+# make the safety-factor check below compare the table with itself and miss a typo in it.
 POLAR_EXPRESS_RAW = [
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
     (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
