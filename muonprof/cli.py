@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ._version import __version__
+from .commands._common import console, err_console, fail
 
 app = typer.Typer(
     name="muonprof",
@@ -23,14 +23,6 @@ app = typer.Typer(
 profile_app = typer.Typer(help="Check and inspect muonprof JSON profiles.", no_args_is_help=True)
 app.add_typer(profile_app, name="profile")
 
-console = Console()
-err_console = Console(stderr=True)
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    for line in message.splitlines() or [message]:
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _version_callback(value: bool) -> None:

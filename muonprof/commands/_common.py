@@ -1,0 +1,18 @@
+"""What every command shares: the consoles and the one-line error exit."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``error: message`` (one line per line of the message) on stderr and exit with ``code``."""
+    for line in message.splitlines() or [message]:
+        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
