@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -116,6 +117,11 @@ def profile_schema(
     else:
         atomic_write_text(out, text)
         console.print(f"wrote {out}")
+
+
+# Command families live in muonprof.commands, one module each; this file is their table of contents.
+for _command_module in ("spectrum", "device"):
+    importlib.import_module(f".commands.{_command_module}", __package__).register(app)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+POSITION_NAME = re.compile(r"(^|[._])(pos|position|positions|wpe|cls)([._]|$)")
 HEAD_NAME = re.compile(r"(^|\.)(lm_head|head|heads|classifier|output|out_proj_vocab|fc_out|logits|score)$")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -32,12 +33,13 @@ def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
             owner.setdefault(id(p), (module, pname))  # a tied parameter belongs to its first module
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             embedding_params.add(id(module.weight))
-            vocab_sizes.add(module.num_embeddings)
+            if not POSITION_NAME.search(module_name):  # a position table's size is not a vocabulary
+                vocab_sizes.add(module.num_embeddings)
         elif isinstance(module, nn.Linear):
             linears.append((module_name, module))
         elif isinstance(module, _CONV) and first_conv is None:
             first_conv = module
-    heads = _find_heads(linears, vocab_sizes)
+    heads = _find_heads(linears, vocab_sizes, embedding_params)
 
     for full, p in model.named_parameters():
         if not p.requires_grad:
@@ -47,6 +49,8 @@ def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
             routes[full] = ("adamw", "embedding")
         elif p.ndim < 2:
             routes[full] = ("adamw", "vector (gain/bias)")
+        elif not isinstance(module, (nn.Linear, *_CONV)) and POSITION_NAME.search(full):
+            routes[full] = ("adamw", "embedding")  # a raw position table or class token
         elif isinstance(module, nn.Linear) and pname == "weight" and id(module) in heads:
             routes[full] = ("adamw", heads[id(module)])
         elif isinstance(module, _CONV) and module is first_conv and pname == "weight":
@@ -58,13 +62,20 @@ def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
     return routes
 
 
-def _find_heads(linears: list[tuple[str, nn.Linear]], vocab_sizes: set[int]) -> dict[int, str]:
+def _find_heads(
+    linears: list[tuple[str, nn.Linear]], vocab_sizes: set[int], embedding_params: set[int]
+) -> dict[int, str]:
     """Linear modules that are output heads, with the reason; see the module docstring for the order."""
     if not linears:
         return {}
-    vocab = {id(m): "output head (projects to the vocabulary)" for _, m in linears if m.out_features in vocab_sizes}
+    tied = {id(m): "output head (tied to the embedding)" for _, m in linears if id(m.weight) in embedding_params}
+    if tied:
+        return tied
+    # A hidden layer can be as wide as the vocabulary (a byte-level GPT with a 4 x 64 MLP): of several
+    # Linears projecting to the vocabulary size, the head is the last one.
+    vocab = [m for _, m in linears if m.out_features in vocab_sizes]
     if vocab:
-        return vocab
+        return {id(vocab[-1]): "output head (projects to the vocabulary)"}
     named = {id(m): f"output head (named {n.rsplit('.', 1)[-1]!r})" for n, m in linears if HEAD_NAME.search(n)}
     if named:
         return named

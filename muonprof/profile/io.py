@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from .._files import atomic_write
 from .schema import Profile
 
 
@@ -76,19 +76,8 @@ def profile_to_json(profile: Profile) -> str:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write via a temp file in the same directory and rename: readers see the old or the new file, never half."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def save_profile(profile: Profile | Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,196 @@
+"""The spectra artifact (``muonprof.spectra/1``): what ``spectrum`` writes and ``bench`` / ``tune`` read.
+
+One file, written atomically with ``torch.save`` and read with ``torch.load(weights_only=True)`` (only
+tensors, numbers, strings, lists and dicts: loading someone's spectra file cannot run code). Singular
+values are stored per capture step, per layer, for the gradient G and for the momentum M that Muon
+orthogonalizes; ``--save-matrices`` adds the matrices G and M themselves at the last capture step (column
+selection's accuracy depends on the actual columns, not only on the spectrum).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._files import atomic_write
+from .stats import stats_row
+
+FORMAT = "muonprof.spectra/1"
+KINDS = ("grad", "momentum")
+
+
+class SpectraError(ValueError):
+    """A spectra file that cannot be used: missing, corrupt, another format version, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One weight matrix: its parameter shape, the 2-D shape an orthogonalizer sees, role and optimizer."""
+
+    name: str
+    shape: tuple[int, ...]
+    matrix_shape: tuple[int, int]
+    role: str
+    optimizer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "matrix_shape": list(self.matrix_shape),
+            "role": self.role,
+            "optimizer": self.optimizer,
+        }
+
+
+@dataclass
+class CaptureRecord:
+    """Singular values (descending, float32) of G and M for every layer at one training step."""
+
+    step: int
+    loss: float
+    grad: dict[str, Tensor]
+    momentum: dict[str, Tensor]
+
+    def spectrum(self, kind: str, name: str) -> Tensor:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return (self.grad if kind == "grad" else self.momentum)[name]
+
+
+@dataclass
+class Spectra:
+    meta: dict[str, Any]
+    layers: list[LayerRecord]
+    captures: list[CaptureRecord]
+    losses: list[float] = field(default_factory=list)
+    matrices: dict[str, dict[str, Tensor]] | None = None  # {"grad": {name: G}, "momentum": {name: M}}
+    matrices_step: int | None = None
+
+    def layer(self, name: str) -> LayerRecord:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.captures]
+
+    def capture_at(self, step: int | None = None) -> CaptureRecord:
+        """The capture at ``step`` (None: the last one)."""
+        if step is None:
+            return self.captures[-1]
+        for capture in self.captures:
+            if capture.step == step:
+                return capture
+        raise SpectraError(f"no capture at step {step}; captured steps: {self.steps}")
+
+    def stats(self, kind: str = "momentum", step: int | None = None) -> dict[str, dict[str, float | int]]:
+        """Per-layer ``stats_row`` of the spectra at ``step`` (None: the last capture)."""
+        capture = self.capture_at(step)
+        return {layer.name: stats_row(capture.spectrum(kind, layer.name)) for layer in self.layers}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: metadata, layers, and per capture step the loss and each layer's statistics."""
+        return {
+            "format": FORMAT,
+            "meta": self.meta,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "captures": [
+                {
+                    "step": c.step,
+                    "loss": c.loss,
+                    "layers": {
+                        layer.name: {kind: stats_row(c.spectrum(kind, layer.name)) for kind in KINDS}
+                        for layer in self.layers
+                    },
+                }
+                for c in self.captures
+            ],
+            "losses": self.losses,
+            "matrices_step": self.matrices_step,
+        }
+
+
+def save_spectra(spectra: Spectra, path: str | os.PathLike[str]) -> Path:
+    """Write atomically: an interrupted save leaves the previous file (or none), never half of one."""
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        # Plain JSON types only (e.g. torch.__version__ is a str subclass that weights_only loading refuses).
+        "meta": json.loads(json.dumps(spectra.meta, default=str)),
+        "layers": [layer.to_dict() for layer in spectra.layers],
+        "captures": [
+            {"step": c.step, "loss": c.loss, "grad": dict(c.grad), "momentum": dict(c.momentum)}
+            for c in spectra.captures
+        ],
+        "losses": list(spectra.losses),
+        "matrices": spectra.matrices,
+        "matrices_step": spectra.matrices_step,
+    }
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def load_spectra(path: str | os.PathLike[str]) -> Spectra:
+    """Read and check a spectra file; every problem is a SpectraError with a one-line message."""
+    source = Path(path)
+    if not source.is_file():
+        raise SpectraError(f"{source}: no such spectra file")
+    try:
+        payload = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a file that is not its zip format
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise SpectraError(f"{source}: not a muonprof spectra file (cannot be read: {reason})") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise SpectraError(f"{source}: not a muonprof spectra file")
+    fmt = payload["format"]
+    if fmt != FORMAT:
+        raise SpectraError(f"{source}: format {fmt!r} is not {FORMAT!r}; re-run `muonprof spectrum` with this version")
+    try:
+        layers = [
+            LayerRecord(
+                name=str(d["name"]),
+                shape=tuple(int(x) for x in d["shape"]),
+                matrix_shape=(int(d["matrix_shape"][0]), int(d["matrix_shape"][1])),
+                role=str(d["role"]),
+                optimizer=str(d["optimizer"]),
+            )
+            for d in payload["layers"]
+        ]
+        captures = [
+            CaptureRecord(step=int(c["step"]), loss=float(c["loss"]), grad=c["grad"], momentum=c["momentum"])
+            for c in payload["captures"]
+        ]
+        spectra = Spectra(
+            meta=dict(payload["meta"]),
+            layers=layers,
+            captures=captures,
+            losses=[float(x) for x in payload.get("losses", [])],
+            matrices=payload.get("matrices"),
+            matrices_step=payload.get("matrices_step"),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise SpectraError(f"{source}: corrupt spectra file ({type(err).__name__}: {err})") from None
+    _check_consistent(spectra, source)
+    return spectra
+
+
+def _check_consistent(spectra: Spectra, source: Path) -> None:
+    if not spectra.layers or not spectra.captures:
+        raise SpectraError(f"{source}: spectra file holds no layers or no captures")
+    for capture in spectra.captures:
+        for kind in KINDS:
+            values = capture.grad if kind == "grad" else capture.momentum
+            for layer in spectra.layers:
+                s = values.get(layer.name)
+                if not isinstance(s, Tensor) or s.ndim != 1 or s.numel() != min(layer.matrix_shape):
+                    raise SpectraError(
+                        f"{source}: corrupt spectra file (step {capture.step}, {kind} of {layer.name!r} "
+                        f"should hold {min(layer.matrix_shape)} singular values)"
+                    )
