@@ -173,11 +173,11 @@ def _layer_table(spectra: Any) -> Table:
         title=f"momentum M spectra ({span}); ranks hold 90% of the energy (E) / nuclear norm (N)",
         caption="svmin: smallest singular value of M/‖M‖_F (what Newton-Schulz must lift to ~1)",
     )
-    table.add_column("layer", no_wrap=True, overflow="fold")
+    table.add_column("layer", overflow="fold", min_width=12)
     table.add_column("role")
     table.add_column("shape", justify="right")
     for col in ("stable rank", "eff. rank", "r90 E", "r90 N", "svmin", "G stable"):
-        table.add_column(col, justify="right", no_wrap=True)
+        table.add_column(col, justify="right", min_width=5)
     for layer in spectra.layers:
         a, b, g = first_stats[layer.name], last_stats[layer.name], grad_stats[layer.name]
 
@@ -185,7 +185,7 @@ def _layer_table(spectra: Any) -> Table:
             return fmt.format(b[key]) if same else f"{fmt.format(a[key])}→{fmt.format(b[key])}"
 
         table.add_row(
-            layer.name + ("" if layer.optimizer == "muon" else " (adamw)"),
+            layer.name.removesuffix(".weight") + ("" if layer.optimizer == "muon" else " (adamw)"),
             layer.role,
             "x".join(map(str, layer.matrix_shape)),
             moved("stable_rank"),
