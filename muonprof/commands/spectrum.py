@@ -174,7 +174,7 @@ def _layer_table(spectra: Any) -> Table:
         caption="svmin: smallest singular value of M/‖M‖_F (what Newton-Schulz must lift to ~1)",
     )
     table.add_column("layer", overflow="fold", min_width=12)
-    table.add_column("role")
+    table.add_column("role", no_wrap=True, min_width=9)
     table.add_column("shape", justify="right")
     for col in ("stable rank", "eff. rank", "r90 E", "r90 N", "svmin", "G stable"):
         table.add_column(col, justify="right", min_width=5)
