@@ -104,6 +104,90 @@ def profile_check(
         console.print(table)
 
 
+@profile_app.command("show")
+def profile_show(
+    file: Annotated[Path, typer.Argument(help="The profile JSON to show.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
+) -> None:
+    """Show a profile's per-layer recipes, what was measured behind them and the expected step-time saving."""
+    from .profile import ProfileError, load_profile
+
+    try:
+        profile = load_profile(file)
+    except ProfileError as err:
+        fail(str(err))
+    rows = []
+    for name, entry in profile.layers.items():
+        settings = entry.explicit()
+        measured = entry.measured
+        recipe = {k: v for k, v in settings.items() if k not in ("role", "shape", "lr_factor", "measured")}
+        rows.append(
+            {
+                "name": name,
+                "role": entry.role,
+                "recipe": recipe,
+                "lr_scale": entry.lr_scale,
+                "time_ms": measured.time_ms if measured else None,
+                "baseline_time_ms": measured.baseline_time_ms if measured else None,
+                "alignment": measured.alignment if measured else None,
+                "baseline_alignment": measured.baseline_alignment if measured else None,
+            }
+        )
+    timed = [r for r in rows if r["time_ms"] is not None and r["baseline_time_ms"] is not None]
+    total = sum(r["time_ms"] for r in timed)
+    base = sum(r["baseline_time_ms"] for r in timed)
+    summary = {
+        "file": str(file),
+        "model": profile.model.model_dump() if profile.model else None,
+        "device": (profile.provenance.device_name or profile.provenance.device) if profile.provenance else None,
+        "layers": rows,
+        "ortho_time_ms": total if timed else None,
+        "baseline_time_ms": base if timed else None,
+        "speedup": base / total if timed and total > 0 else None,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    model = profile.model.name if profile.model else "(no model recorded)"
+    table = Table(title=f"{file}: {model}, {len(rows)} layer entries")
+    for col in ("layer", "role", "recipe", "lr scale", "time ms", "default ms", "alignment", "default"):
+        table.add_column(col, justify="left" if col in ("layer", "role", "recipe") else "right")
+    for r in rows:
+        recipe = r["recipe"]
+        text = _recipe_text(recipe)
+        table.add_row(
+            r["name"].removesuffix(".weight"),
+            r["role"] or "",
+            text,
+            f"{r['lr_scale']:.3g}" if r["lr_scale"] is not None else "",
+            f"{r['time_ms']:.3g}" if r["time_ms"] is not None else "",
+            f"{r['baseline_time_ms']:.3g}" if r["baseline_time_ms"] is not None else "",
+            f"{r['alignment']:.3f}" if r["alignment"] is not None else "",
+            f"{r['baseline_alignment']:.3f}" if r["baseline_alignment"] is not None else "",
+        )
+    console.print(table)
+    if timed and total > 0:
+        device = summary["device"] or "the tuning device"
+        console.print(
+            f"orthogonalization per step: {total:.4g} ms vs {base:.4g} ms with the default "
+            f"({base / total:.2f}x) on {device}"
+        )
+
+
+def _recipe_text(recipe: dict[str, Any]) -> str:
+    method = recipe.get("method", "newton_schulz")
+    if method == "svd":
+        return "svd"
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(recipe.get("dtype", ""), recipe.get("dtype", ""))
+    ns = f"ns{recipe.get('ns_steps', '')}-{recipe.get('coefficients', '')}"
+    if method == "newton_schulz":
+        return f"{ns} {dtype}".strip()
+    extra = f" r{recipe.get('rank')}"
+    if method == "lowrank":
+        extra += f" {recipe.get('range_finder', 'power')} p{recipe.get('power_iters', '')}"
+    return f"{method}{extra} {ns} {dtype}".strip()
+
+
 @profile_app.command("schema")
 def profile_schema(
     out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
@@ -120,7 +204,7 @@ def profile_schema(
 
 
 # Command families live in muonprof.commands, one module each; this file is their table of contents.
-for _command_module in ("spectrum", "device"):
+for _command_module in ("spectrum", "device", "tune"):
     importlib.import_module(f".commands.{_command_module}", __package__).register(app)
 
 

@@ -42,6 +42,8 @@ class Workload:
     seq_len: int | None
     data: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    data_option: str | None = None  # the --data value this was built from (to rebuild it later)
 
     def loss(self, batch: Any) -> Tensor:
         return self.loss_fn(self.model, batch)
@@ -51,6 +53,8 @@ class Workload:
         task = None if self.task is None else {k: v for k, v in vars(self.task).items() if v is not None}
         return {
             "spec": self.spec,
+            "overrides": self.overrides,
+            "data_option": self.data_option,
             "config": self.config,
             "task": task,
             "batch_size": self.batch_size,
@@ -136,6 +140,8 @@ def build_workload(
             seq_len=seq_len,
             data={"source": "factory", "description": "batches supplied by the factory"},
             config=loaded.config,
+            overrides=overrides,
+            data_option=data,
         )
     if task is None:
         raise WorkloadError(
@@ -196,6 +202,8 @@ def build_workload(
         seq_len=seq_len if task.kind == "lm" else None,
         data=described,
         config=loaded.config,
+        overrides=overrides,
+        data_option=data,
     )
 
 

@@ -1,0 +1,188 @@
+"""The tune pipeline as a library: inputs (spectra, bench) in, a profile and its evidence out.
+
+``muonprof tune`` is a thin shell over ``tune_stage1`` / ``tune_stage2``; both are resumable because
+everything they decide lives in the Optuna storage, and neither writes a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from ..bench.artifact import BenchResult
+from ..capture import Spectra
+from ..lr_rules import lr_rule_factor
+from ..workload import Workload
+from . import stage1, stage2
+from .space import LayerMenu, TuneError, build_menus
+from .study import finished_trials, open_study, run_until
+
+TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+
+
+@dataclass
+class Stage1Result:
+    menus: list[LayerMenu]
+    baseline: stage1.Assignment
+    choice: stage1.Assignment
+    front: list[stage1.Assignment]
+    evaluated: list[stage1.Assignment]
+    study_name: str
+    trials_run: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Stage2Result:
+    choice: stage2.LrChoice
+    scales: dict[str, float]
+    best_value: float
+    default_value: float | None
+    study_name: str
+    trials_run: int
+    pruned: int
+    finished: int
+
+
+def default_study_name(model: str, fingerprint: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_") or "model"
+    return f"muonprof-{safe}-{fingerprint.removeprefix('sha256:')[:8]}"
+
+
+def momentum_weights(spectra: Spectra) -> dict[str, float]:
+    """``w_L = f_L ||M_L||_*`` at the last capture (see ``space``: the descent share's weights)."""
+    capture = spectra.captures[-1]
+    return {
+        layer.name: lr_rule_factor("original", *layer.matrix_shape) * float(capture.momentum[layer.name].sum())
+        for layer in spectra.layers
+    }
+
+
+def check_bench_matches(bench: BenchResult, spectra: Spectra | None, fingerprint: str | None) -> None:
+    """A bench file measured on another model's spectra is refused (its layers would not be ours)."""
+    bench_fp = (bench.meta.get("spectra") or {}).get("fingerprint")
+    expected = fingerprint or (spectra.meta.get("fingerprint") if spectra is not None else None)
+    if expected and bench_fp and bench_fp != expected:
+        model = ((bench.meta.get("spectra") or {}).get("model") or {}).get("spec", "another model")
+        raise TuneError(f"the bench file was measured on {model} ({bench_fp}), not this model ({expected})")
+    if spectra is not None:
+        ours = {layer.name for layer in spectra.layers}
+        theirs = {str(layer["name"]) for layer in bench.layers}
+        if not theirs <= ours:
+            missing = sorted(theirs - ours)
+            raise TuneError(f"the bench file has layers this model lacks: {', '.join(missing[:3])}")
+
+
+def menus_digest(menus: Sequence[LayerMenu]) -> str:
+    text = "\n".join(f"{m.name}:{','.join(m.labels)}" for m in menus)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def tune_stage1(
+    bench: BenchResult,
+    spectra: Spectra | None,
+    *,
+    storage: str,
+    study_name: str,
+    fingerprint: str,
+    model: str,
+    trials: int,
+    seed: int,
+    target_alignment: float | None,
+    time_budget_s: float | None,
+    floor: float = 0.5,
+    on_trial: TrialCallback | None = None,
+) -> Stage1Result:
+    """Menus from bench, the exact seeds (baseline, hull, per-layer target), the Optuna Pareto study, the pick."""
+    weights = momentum_weights(spectra) if spectra is not None else None
+    menus = build_menus(bench, weights, floor=floor)
+    notes = [] if weights is not None else ["no spectra: layers weighted equally in the descent share"]
+    base = stage1.baseline(menus)
+    hull = stage1.lagrangian_hull(menus)
+    target = 0.95 if target_alignment is None else target_alignment
+    exact = [base, *hull, stage1.fastest_per_layer(menus, target)]
+
+    name = f"{study_name}-ortho"
+    sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(8, trials // 4 or 8)))
+    study = open_study(
+        storage,
+        name,
+        fingerprint=fingerprint,
+        model=model,
+        stage=f"ortho:{menus_digest(menus)}",
+        directions=["minimize", "maximize"],
+        sampler=sampler,
+    )
+    stage1.seed_trials(study, menus, exact)
+    ran = run_until(study, stage1.objective(menus), trials, on_trial=on_trial) if trials > 0 else 0
+    evaluated = [a for t in finished_trials(study) if (a := stage1.trial_assignment(menus, t)) is not None]
+    pool = exact + evaluated
+    front = stage1.pareto_set(pool)
+    choice = stage1.select(front, target_alignment=target_alignment, time_budget_s=time_budget_s)
+    return Stage1Result(menus, base, choice, front, evaluated, name, ran, notes)
+
+
+def tune_stage2(
+    build: Callable[[], Workload],
+    menus: Sequence[LayerMenu],
+    picks: Mapping[str, Any],
+    *,
+    storage: str,
+    study_name: str,
+    fingerprint: str,
+    model: str,
+    trials: int,
+    steps: int,
+    eval_every: int,
+    seed: int,
+    pruner: str = "median",
+    on_trial: TrialCallback | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Stage2Result:
+    """Short real training trials over the LR space (``stage2``); the default settings are trial 0."""
+    groups = sorted({stage2.group_of(m.role) for m in menus})
+    lowrank = any(getattr(picks[m.name], "method", "") in ("lowrank", "rsvd") for m in menus)
+    name = f"{study_name}-lr"
+    chosen_pruner: optuna.pruners.BasePruner = (
+        optuna.pruners.HyperbandPruner(min_resource=eval_every, max_resource=steps)
+        if pruner == "hyperband"
+        else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=eval_every)
+    )
+    digest = hashlib.sha256(repr(sorted((k, str(v)) for k, v in picks.items())).encode()).hexdigest()[:12]
+    study = open_study(
+        storage,
+        name,
+        fingerprint=fingerprint,
+        model=model,
+        stage=f"lr:{digest}:{steps}",
+        direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max(2, trials // 3))),
+        pruner=chosen_pruner,
+    )
+    if not study.user_attrs.get("stage2_seeded"):
+        study.enqueue_trial(stage2.default_params(groups, lowrank))
+        study.set_user_attr("stage2_seeded", True)
+    objective = stage2.make_objective(build, menus, picks, steps=steps, eval_every=eval_every, seed=seed,
+                                      on_step=on_step)  # fmt: skip
+    ran = run_until(study, objective, trials, on_trial=on_trial)
+    done = [t for t in finished_trials(study) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        raise TuneError("every learning-rate trial diverged or was pruned; try more --lr-trials or --lr-steps")
+    best = min(done, key=lambda t: t.value)
+    default_trials = [t for t in done if t.params == stage2.default_params(groups, lowrank)]
+    choice = stage2.choice_of(best)
+    return Stage2Result(
+        choice=choice,
+        scales=choice.scales(menus, picks),
+        best_value=float(best.value),
+        default_value=float(default_trials[0].value) if default_trials else None,
+        study_name=name,
+        trials_run=ran,
+        pruned=sum(1 for t in finished_trials(study) if t.state == optuna.trial.TrialState.PRUNED),
+        finished=len(finished_trials(study)),
+    )

@@ -1,0 +1,119 @@
+"""Stage 1's search space: per layer, the orthogonalizers worth choosing between, with cost and quality.
+
+Every number comes from the bench artifact (time per layer per step on this device; alignment on the
+layer's captured momentum spectrum, worst over sketch seeds) — nothing here measures anything.
+
+Quality of a whole profile is the *descent share*: Muon's first-order loss decrease in one step is
+``sum_L lr f_L <G_L, O_L>`` (``f_L`` the layer's LR-rule factor) and ``<G, O> = alignment x ||G||_* x
+||O||_op``, so with the update's operator norm ~1 the model-level fraction of the exact-polar descent
+is the alignment averaged with weights ``w_L = f_L ||M_L||_*``. That is what a bad layer costs the
+optimizer: a poorly orthogonalized layer with a tiny gradient matters little, one carrying most of the
+nuclear norm matters a lot. The worst layer's alignment is reported beside it, and a per-layer floor
+keeps any single layer from being starved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..bench.artifact import BenchResult
+from ..bench.candidates import BASELINE, candidate_label
+from ..bench.pareto import Point, layer_points, pareto_front
+from ..ortho import OrthoConfig
+
+BASELINE_LABEL = candidate_label(BASELINE)
+
+
+class TuneError(ValueError):
+    """Inputs that cannot be tuned (mismatched bench and model, unreachable target, ...); one line."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate on one layer."""
+
+    label: str
+    config: OrthoConfig
+    time_s: float
+    alignment: float  # worst over sketch seeds
+    rel_err: float | None = None
+    sv_min: float | None = None
+    sv_max: float | None = None
+    source: str | None = None
+
+
+@dataclass
+class LayerMenu:
+    """A layer's choices: its Pareto-optimal candidates (fastest first), always including the baseline."""
+
+    name: str
+    shape: tuple[int, int]
+    role: str
+    weight: float
+    options: list[Option]
+
+    def option(self, label: str) -> Option:
+        for o in self.options:
+            if o.label == label:
+                return o
+        raise KeyError(f"{self.name}: no option {label!r}")
+
+    @property
+    def labels(self) -> list[str]:
+        return [o.label for o in self.options]
+
+
+def build_menus(
+    bench: BenchResult,
+    weights: Mapping[str, float] | None = None,
+    *,
+    floor: float = 0.0,
+    allowed: set[str] | None = None,
+) -> list[LayerMenu]:
+    """Menus for every benched layer: the layer's time/alignment Pareto front among candidates that were
+    both timed and measured, above ``floor`` alignment, plus the baseline (Jordan x5 bf16) if it was timed.
+
+    Dominated candidates are dropped: no profile that uses one can be better than the same profile with
+    the dominating candidate in its place, so the joint search loses nothing and shrinks a lot.
+    """
+    configs = {c.label: c.config for c in bench.costs}
+    per_shape = bench.per_layer_costs()
+    menus: list[LayerMenu] = []
+    for layer in bench.layers:
+        name = str(layer["name"])
+        shape = (int(layer["matrix_shape"][0]), int(layer["matrix_shape"][1]))
+        costs = per_shape.get(shape, {})
+        if allowed is not None:
+            costs = {k: v for k, v in costs.items() if k in allowed or k == BASELINE_LABEL}
+        points = layer_points(bench.accuracy.get(name, {}), costs)
+        if not points:
+            raise TuneError(f"bench has no timed and measured candidate for layer {name!r}")
+        eligible = [p for p in points if p.alignment >= floor]
+        front = pareto_front(eligible) if eligible else []
+        baseline = [p for p in points if p.label == BASELINE_LABEL]
+        chosen: dict[str, Point] = {p.label: p for p in front + baseline}
+        if not chosen:  # nothing reaches the floor and no baseline: keep the most aligned
+            best = max(points, key=lambda p: (p.alignment, -p.time_s))
+            chosen[best.label] = best
+        options = [_option(p, configs[p.label]) for p in sorted(chosen.values(), key=lambda p: (p.time_s, p.label))]
+        weight = 1.0 if weights is None else float(weights.get(name, 0.0))
+        menus.append(LayerMenu(name, shape, str(layer.get("role", "linear")), weight, options))
+    if weights is not None and sum(m.weight for m in menus) <= 0:
+        for menu in menus:
+            menu.weight = 1.0
+    return menus
+
+
+def _option(p: Point, config: OrthoConfig) -> Option:
+    extra = dict(p.extra or {})
+    return Option(
+        label=p.label,
+        config=config,
+        time_s=p.time_s,
+        alignment=p.alignment,
+        rel_err=extra.get("rel_err"),
+        sv_min=extra.get("sv_min"),
+        sv_max=extra.get("sv_max"),
+        source=extra.get("source"),
+    )

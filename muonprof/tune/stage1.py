@@ -1,0 +1,204 @@
+"""Stage 1: choose each layer's orthogonalizer for the whole model's time / quality trade-off.
+
+The problem: pick one option per layer, minimize total time per step, maximize the weighted alignment
+(``space``'s descent share). With a *per-layer* target ("every layer at least a") the layers are
+independent and each takes its fastest option reaching ``a``: ``fastest_per_layer`` solves it exactly,
+no search. With a shared target or budget on the *model's* quality or time, the layers are coupled:
+that is a multiple-choice knapsack. Its convex-hull solutions are exact and cheap (Lagrangian
+relaxation: for a multiplier lambda every layer independently minimizes ``t - lambda w a``;
+``lagrangian_hull``), but the best profiles between two hull points are not on the hull, and that joint
+remainder is what the Optuna study searches (NSGA-II over the per-layer choices, multi-objective). The
+study is seeded with the baseline (Jordan x5 bf16 everywhere) and every hull solution, so its Pareto set
+can never be worse than either, and a user's storage keeps every evaluated profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from .space import BASELINE_LABEL, LayerMenu, Option, TuneError
+
+PARAM_PREFIX = "ortho:"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A choice per layer and what it scores."""
+
+    picks: dict[str, str]  # layer -> option label
+    time_s: float
+    quality: float  # weighted alignment (descent share)
+    worst: float  # the worst layer's alignment
+    source: str = ""  # "baseline" | "hull" | "optuna trial N" | "per-layer"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time_s": self.time_s,
+            "quality": self.quality,
+            "worst_alignment": self.worst,
+            "source": self.source,
+            "picks": self.picks,
+        }
+
+
+def evaluate(menus: Sequence[LayerMenu], picks: dict[str, str], source: str = "") -> Assignment:
+    """Total time per step (costs are additive: see ``time_model``) and the weighted / worst alignment."""
+    total_w = sum(m.weight for m in menus) or 1.0
+    time_s = 0.0
+    quality = 0.0
+    worst = 1.0
+    for menu in menus:
+        option = menu.option(picks[menu.name])
+        time_s += option.time_s
+        quality += menu.weight * option.alignment
+        worst = min(worst, option.alignment)
+    return Assignment(dict(picks), time_s, quality / total_w, worst, source)
+
+
+def time_model_note(batch_per_call: int) -> str:
+    """Why the model-level time is a sum of per-layer times, and when that is optimistic."""
+    if batch_per_call <= 1:
+        return "per-layer times add up exactly: ProfiledMuon orthogonalizes one matrix at a time on this device"
+    return (
+        "per-layer times are shares of batched calls; a profile that splits a same-shape batch between methods "
+        "pays more launches than the sum says (validate measures the real step)"
+    )
+
+
+def baseline(menus: Sequence[LayerMenu]) -> Assignment:
+    missing = [m.name for m in menus if BASELINE_LABEL not in m.labels]
+    if missing:
+        raise TuneError(f"the bench file did not time the baseline {BASELINE_LABEL} for {', '.join(missing[:3])}")
+    return evaluate(menus, {m.name: BASELINE_LABEL for m in menus}, "baseline")
+
+
+def fastest_per_layer(menus: Sequence[LayerMenu], target: float) -> Assignment:
+    """Every layer at alignment >= target, each as fast as possible: exact, since layers are independent.
+    A layer where nothing reaches the target takes its most aligned option (the result's ``worst`` says)."""
+    picks = {}
+    for menu in menus:
+        ok = [o for o in menu.options if o.alignment >= target]
+        pick = min(ok, key=lambda o: (o.time_s, -o.alignment)) if ok else max(menu.options, key=_most_aligned)
+        picks[menu.name] = pick.label
+    return evaluate(menus, picks, f"per-layer >= {target:g}")
+
+
+def lagrangian_hull(menus: Sequence[LayerMenu], points: int = 64) -> list[Assignment]:
+    """The convex-hull profiles: for each multiplier, every layer minimizes ``time - lambda * w * alignment``.
+
+    The multipliers are exactly the breakpoints where some layer switches option (plus the two ends),
+    thinned to ``points`` evenly spaced ones when there are more."""
+    breaks: set[float] = {0.0}
+    for menu in menus:
+        for a in menu.options:
+            for b in menu.options:
+                dq = menu.weight * (b.alignment - a.alignment)
+                if dq > 0 and b.time_s > a.time_s:
+                    breaks.add((b.time_s - a.time_s) / dq)
+    ordered = sorted(breaks)
+    if len(ordered) > points:
+        step = (len(ordered) - 1) / (points - 1)
+        ordered = [ordered[round(i * step)] for i in range(points)]
+    ordered.append(ordered[-1] * 2 + 1.0)
+    seen: dict[tuple[str, ...], Assignment] = {}
+    for lam in ordered:
+        picks = {
+            m.name: min(m.options, key=lambda o, m=m: (o.time_s - lam * m.weight * o.alignment, o.time_s)).label
+            for m in menus
+        }
+        key = tuple(picks[m.name] for m in menus)
+        if key not in seen:
+            seen[key] = evaluate(menus, picks, "hull")
+    return sorted(seen.values(), key=lambda a: a.time_s)
+
+
+def _most_aligned(o: Option) -> tuple[float, float]:
+    return (o.alignment, -o.time_s)
+
+
+def objective(menus: Sequence[LayerMenu]) -> Callable[[optuna.Trial], tuple[float, float]]:
+    def run(trial: optuna.Trial) -> tuple[float, float]:
+        picks = {m.name: trial.suggest_categorical(PARAM_PREFIX + m.name, m.labels) for m in menus}
+        result = evaluate(menus, picks)
+        trial.set_user_attr("worst_alignment", result.worst)
+        return result.time_s * 1e3, result.quality
+
+    return run
+
+
+def seed_trials(study: optuna.Study, menus: Sequence[LayerMenu], seeds: Sequence[Assignment]) -> int:
+    """Add the exact profiles (baseline, hull, per-layer target) to the study once, as finished trials.
+
+    They are evaluated here, not queued: they cost nothing, must be in the result whatever ``--trials``
+    says, and as finished trials they inform NSGA-II's population. They carry the ``seed`` attribute and
+    do not count against the trial budget; a resumed or shared study already has them."""
+    if study.user_attrs.get("stage1_seeded"):
+        return 0
+    distributions = {PARAM_PREFIX + m.name: optuna.distributions.CategoricalDistribution(m.labels) for m in menus}
+    for assignment in seeds:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={PARAM_PREFIX + name: label for name, label in assignment.picks.items()},
+                distributions=distributions,
+                values=[assignment.time_s * 1e3, assignment.quality],
+                user_attrs={"seed": assignment.source, "worst_alignment": assignment.worst},
+            )
+        )
+    study.set_user_attr("stage1_seeded", True)
+    return len(seeds)
+
+
+def trial_assignment(menus: Sequence[LayerMenu], trial: optuna.trial.FrozenTrial) -> Assignment | None:
+    """The profile a finished trial evaluated (None when the menus changed since, e.g. another grid)."""
+    try:
+        picks = {m.name: trial.params[PARAM_PREFIX + m.name] for m in menus}
+        return evaluate(menus, picks, f"optuna trial {trial.number}")
+    except KeyError:
+        return None
+
+
+def pareto_set(assignments: Sequence[Assignment]) -> list[Assignment]:
+    """Non-dominated (time down, quality up), fastest first; exact duplicates collapsed."""
+    ordered = sorted(assignments, key=lambda a: (a.time_s, -a.quality))
+    out: list[Assignment] = []
+    best = float("-inf")
+    for a in ordered:
+        if a.quality > best + 1e-12:
+            out.append(a)
+            best = a.quality
+    return out
+
+
+def select(
+    candidates: Sequence[Assignment],
+    *,
+    target_alignment: float | None = None,
+    time_budget_s: float | None = None,
+) -> Assignment:
+    """The profile the user asked for: the fastest reaching the target quality, or the best within the budget.
+
+    An unreachable request is a TuneError that names the best reachable value."""
+    if not candidates:
+        raise TuneError("no evaluated profile to choose from")
+    if time_budget_s is not None:
+        within = [a for a in candidates if a.time_s <= time_budget_s]
+        if not within:
+            fastest = min(candidates, key=lambda a: a.time_s)
+            raise TuneError(
+                f"no profile fits --time-budget-ms {time_budget_s * 1e3:.4g}: the fastest takes "
+                f"{fastest.time_s * 1e3:.4g} ms per step (alignment {fastest.quality:.3f})"
+            )
+        return max(within, key=lambda a: (a.quality, -a.time_s))
+    target = 0.95 if target_alignment is None else target_alignment
+    reaching = [a for a in candidates if a.quality >= target]
+    if not reaching:
+        best = max(candidates, key=lambda a: a.quality)
+        raise TuneError(
+            f"no profile reaches --target-alignment {target:g}: the best reachable is {best.quality:.4f} "
+            f"({best.time_s * 1e3:.4g} ms per step)"
+        )
+    return min(reaching, key=lambda a: (a.time_s, -a.quality))
