@@ -1,0 +1,250 @@
+"""``muonprof validate``: train for real and show whether a profile beats the defaults, torch's Muon and AdamW."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ._common import console, err_console, fail
+
+SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
+
+
+def register(app: typer.Typer) -> None:
+    app.command("validate")(validate_command)
+
+
+def validate_command(
+    model: Annotated[str, typer.Argument(help="Built-in name (see `muonprof models`), module:factory or hf:PATH.")],
+    profile: Annotated[
+        Path | None, typer.Option("--profile", help="The profile to validate (omit to race only --against).")
+    ] = None,
+    against: Annotated[
+        str, typer.Option("--against", help="Contenders to race it against: default, torch, adamw (comma-separated).")
+    ] = "default,torch,adamw",
+    steps: Annotated[int, typer.Option("--steps", help="Training steps per run (the equal-steps comparison).")] = 200,
+    time_budget: Annotated[
+        float | None,
+        typer.Option("--time-budget", help="Also stop a run after this many seconds of training."),
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option("--eval-every", help="Validation loss every K steps (default: steps/20).")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Text file/folder, 'stdlib' (default), 'random'; images: synthetic, digits."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="First seed (init and batches).")] = 0,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per contender (> 1 gives mean ± std and ties).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences (or images) per batch.")] = 8,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence (language models).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    lr: Annotated[float | None, typer.Option("--lr", help="Muon lr of profile/default/torch (default 0.02).")] = None,
+    adamw_lr: Annotated[
+        float | None, typer.Option("--adamw-lr", help="lr of their AdamW group (embeddings, head, gains; 3e-4).")
+    ] = None,
+    baseline_lr: Annotated[
+        float | None,
+        typer.Option("--baseline-lr", help="lr of the all-AdamW contender (default by size: 3e-3/1e-3/6e-4)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Results JSON (default: MODEL.validate.json).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also write a PNG of the loss curves here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Race a profile against ProfiledMuon's defaults, torch.optim.Muon and AdamW on real training."""
+    import torch
+
+    from .._files import OutputPathError, check_writable
+    from ..data import DataError
+    from ..device import DeviceError, resolve_device
+    from ..models import ModelSpecError, parse_overrides
+    from ..profile import ProfileError
+    from ..validate import ContenderError, ProgressEvent, ValidationError, save_results, validate
+    from ..workload import WorkloadError
+
+    out = out if out is not None else Path(f"{_safe_name(model)}.validate.json")
+    shown = console if not as_json else err_console
+    try:
+        check_writable(out)
+        if plot is not None:
+            check_writable(plot)
+        torch_device = resolve_device(device)
+        overrides = parse_overrides(set_ or [])
+    except (ModelSpecError, DeviceError, OutputPathError) as err:
+        fail(_one_line(err), 2)
+
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=shown,
+        transient=as_json,
+    )
+    tasks: dict[tuple[str, int], Any] = {}
+    multi_seed = seeds > 1
+
+    def report(event: ProgressEvent) -> None:
+        key = (event.contender, event.seed)
+        if event.kind == "skipped":
+            shown.print(f"[yellow]skipping[/] {event.contender}: {event.message}")
+        elif event.kind == "start":
+            label = event.contender + (f" seed {event.seed}" if multi_seed else "")
+            tasks[key] = progress.add_task(label, total=event.total, loss="-")
+        elif event.kind == "step":
+            progress.update(tasks[key], completed=event.step, loss=f"{event.loss:.4f}")
+        elif event.kind == "done" and event.result is not None:
+            r = event.result
+            note = f"diverged at {r.diverged_at}" if r.diverged_at is not None else f"val {r.final_val_loss or 0:.4f}"
+            progress.update(tasks[key], completed=event.total if r.stop_reason == "steps" else r.steps_done, loss=note)
+
+    try:
+        with progress:
+            result = validate(
+                model,
+                profile=profile,
+                contenders=against,
+                steps=steps,
+                time_budget_s=time_budget,
+                seeds=seeds,
+                seed=seed,
+                eval_every=eval_every,
+                data=data,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                device=torch_device,
+                overrides=overrides,
+                lr=lr,
+                adamw_lr=adamw_lr,
+                baseline_lr=baseline_lr,
+                progress=report,
+                command=" ".join(["muonprof", *sys.argv[1:]]),
+            )
+    except (ProfileError, ContenderError, ValidationError, ModelSpecError, DataError, WorkloadError) as err:
+        fail(_one_line(err) + " (no results file written)", 2)
+    except (ValueError, TypeError) as err:  # e.g. an lr ProfiledMuon refuses
+        fail(_one_line(err) + " (no results file written)", 2)
+    except torch.OutOfMemoryError:
+        fail(f"out of memory on {torch_device}: try a smaller --batch-size or --seq-len (no results file written)")
+    except KeyboardInterrupt:
+        fail("interrupted (no results file written)", 130)
+
+    save_results(result, out)
+    if plot is not None:
+        from ..plots.curves import plot_curves
+
+        plot_curves(result, plot)
+    if as_json:
+        document = result.to_dict(curves=False)
+        document["files"] = {"results": str(out), "plot": str(plot) if plot else None}
+        print(json.dumps(document, indent=2, default=str))
+        return
+    console.print(_table(result))
+    from ..validate import verdict_line
+
+    for verdict in result.summary["verdicts"].values():
+        console.print(verdict_line(verdict))
+    load = result.meta.get("cpu_load_before")
+    cores = os.cpu_count() or 1
+    if torch_device.type == "cpu" and load and load[0] > 0.5:
+        console.print(
+            f"[yellow]note:[/] CPU load average was {load[0]:.1f} on {cores} cores before the runs: other work "
+            "shares this machine, so the timings (and the equal wall-clock column) are noisy"
+        )
+    console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+
+
+def _table(result: Any) -> Table:
+    rows = result.summary["rows"]
+    per_seed = result.summary["equal_wall"]
+    Ts = [v["T_s"] for v in per_seed.values() if v["T_s"] is not None]
+    T_text = f"T={Ts[0]:.1f}s" if len(Ts) == 1 else "T"
+    T_note = "" if len(Ts) <= 1 else f" (T per seed: {', '.join(f'{t:.1f}s' for t in Ts)})"
+    kind = next((r.get("peak_memory_kind") for r in rows.values() if r.get("peak_memory_kind")), "")
+    seeds = len(result.seeds)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+        title=f"{result.meta['model']['spec']}: {result.meta['steps']} steps"
+        + (f", {seeds} seeds (mean ± std)" if seeds > 1 else ", 1 seed"),
+        caption=(
+            "train loss: mean of the last 10% of steps; val @ T: val loss at the latest eval within T, the "
+            f"fastest run's training time (equal wall-clock){T_note}; "
+            "step/opt: median ms per step / per optimizer.step(); "
+            f"peak mem: {_memory_caption(kind)}; opt state: optimizer state tensors"
+        ),
+    )
+    table.add_column("contender", no_wrap=True)
+    # Narrow enough for an 80-column terminal: headers wrap, "mean ± std" wraps onto two lines.
+    for col in ("train loss", "val loss", f"val @ {T_text}"):
+        table.add_column(col, justify="right", min_width=7)
+    for col in ("step ms", "opt ms", "peak mem", "opt state"):
+        table.add_column(col, justify="right", min_width=5)
+    table.add_column("status", overflow="fold", min_width=6)
+    for name, row in rows.items():
+        if row.get("skipped"):
+            table.add_row(name, "", "", "", "", "", "", "", f"skipped: {row['skipped']}")
+            continue
+        status = row["status"]
+        table.add_row(
+            name,
+            _spread(row.get("final_train_loss")),
+            _spread(row.get("final_val_loss")),
+            _spread(row.get("equal_wall_val_loss")),
+            _ms(row.get("median_step_s")),
+            _ms(row.get("median_optimizer_step_s")),
+            _bytes(row.get("peak_memory_bytes")),
+            _bytes(row.get("state_bytes")),
+            f"[green]{status}[/]" if status == "ok" else f"[red]{status}[/]",
+        )
+    return table
+
+
+def _memory_caption(kind: str) -> str:
+    return {
+        "cuda_max_allocated": "torch.cuda.max_memory_allocated",
+        "process_peak_rss_this_run": "the whole process's peak RSS during the run",
+        "process_peak_rss_since_start": "the process's peak RSS since it started (a high-water mark)",
+    }.get(kind, "not measured")
+
+
+def _spread(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "-"
+    if s.get("std") is None:
+        return f"{s['mean']:.4f}"
+    return f"{s['mean']:.4f} ±{s['std']:.4f}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n}B"
+
+
+def _one_line(err: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def _safe_name(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "model"

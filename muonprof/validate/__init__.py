@@ -1,0 +1,58 @@
+"""``muonprof validate``: prove on real training whether a profile helps.
+
+Races ``profile`` (ProfiledMuon with your profile) against ``default`` (ProfiledMuon's defaults = torch's
+Muon algorithm), ``torch`` (torch.optim.Muon + AdamW) and ``adamw`` on the same init and the same batches,
+at equal steps and at equal wall-clock, over one or more seeds; see ``results`` for the rules.
+"""
+
+from __future__ import annotations
+
+from .contenders import (
+    CONTENDERS,
+    DEFAULT_AGAINST,
+    BuiltContender,
+    ContenderError,
+    ContenderSkipped,
+    OptimizerGroup,
+    adamw_lr_for,
+    build_contender,
+    parse_contenders,
+)
+from .results import (
+    FORMAT,
+    ContenderRuns,
+    ResultsFormatError,
+    ValidationResult,
+    equal_wall_clock,
+    load_results,
+    save_results,
+    summarize,
+    verdict_line,
+)
+from .run import DEFAULT_STEPS, ProgressEvent, ValidationError, default_eval_every, validate
+
+__all__ = [
+    "CONTENDERS",
+    "DEFAULT_AGAINST",
+    "DEFAULT_STEPS",
+    "FORMAT",
+    "BuiltContender",
+    "ContenderError",
+    "ContenderRuns",
+    "ContenderSkipped",
+    "OptimizerGroup",
+    "ProgressEvent",
+    "ResultsFormatError",
+    "ValidationError",
+    "ValidationResult",
+    "adamw_lr_for",
+    "build_contender",
+    "default_eval_every",
+    "equal_wall_clock",
+    "load_results",
+    "parse_contenders",
+    "save_results",
+    "summarize",
+    "validate",
+    "verdict_line",
+]

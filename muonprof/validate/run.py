@@ -1,0 +1,300 @@
+"""Race the contenders on real training: same init, same batches, same steps, per seed.
+
+For every seed and every contender a FRESH workload is built with ``build_workload(spec, seed=seed, ...)``:
+the model's initial weights and batch ``k`` are functions of the seed only, so all contenders of a seed start
+from the same parameters and see the same batch sequence; only the optimizer differs. Everything that can
+be refused (unknown model, bad data options, a profile for another model, an unknown contender) is refused
+before the first training step.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from ..profile import fingerprint, load_profile
+from ..train import TrainResult, train
+from ..workload import Workload, build_workload
+from .contenders import ContenderSkipped, build_contender, parse_contenders
+from .results import ContenderRuns, ValidationResult
+
+DEFAULT_STEPS = 200
+
+
+class ValidationError(ValueError):
+    """Options that cannot give a comparison (no steps, a time budget shorter than one step); one line."""
+
+
+@dataclass
+class ProgressEvent:
+    """What ``progress`` is told: ``start`` / ``step`` / ``eval`` / ``done`` of a run, or ``skipped``."""
+
+    kind: str
+    contender: str
+    seed: int
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    result: TrainResult | None = None
+    message: str | None = None
+
+
+def default_eval_every(steps: int) -> int:
+    """About 20 evaluations per run."""
+    return max(1, steps // 20)
+
+
+def seed_list(seeds: int | Sequence[int], seed: int = 0) -> list[int]:
+    """``seeds`` consecutive seeds from ``seed``, or the given list."""
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValidationError(f"--seeds must be at least 1, got {seeds}")
+        return list(range(seed, seed + seeds))
+    out = list(dict.fromkeys(int(s) for s in seeds))
+    if not out:
+        raise ValidationError("no seeds given")
+    return out
+
+
+def validate(
+    spec: str,
+    *,
+    profile: str | os.PathLike[str] | dict[str, Any] | None = None,
+    contenders: str | Sequence[str] | None = None,
+    steps: int = DEFAULT_STEPS,
+    time_budget_s: float | None = None,
+    seeds: int | Sequence[int] = 1,
+    seed: int = 0,
+    eval_every: int | None = None,
+    data: str | None = None,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    device: torch.device | str = "cpu",
+    overrides: dict[str, Any] | None = None,
+    lr: float | None = None,
+    adamw_lr: float | None = None,
+    baseline_lr: float | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    command: str | None = None,
+) -> ValidationResult:
+    """Train ``spec`` once per (seed, contender) and return the runs with their summary.
+
+    ``contenders``: the ``--against`` list (comma-separated or a list; default default,torch,adamw); with a
+    ``profile`` the ``profile`` contender runs first. ``seeds``: a count (from ``seed``) or a list.
+    Raises ValidationError, ContenderError, ProfileError, ModelSpecError, DataError, WorkloadError (all
+    before training, except a time budget shorter than the first step, raised after that step).
+    """
+    if steps < 1:
+        raise ValidationError(f"--steps must be at least 1, got {steps}")
+    every = default_eval_every(steps) if eval_every is None else eval_every
+    if every < 1:
+        raise ValidationError(f"--eval-every must be at least 1, got {every}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ValidationError(f"--time-budget must be > 0 seconds, got {time_budget_s}")
+    names = parse_contenders(contenders, with_profile=profile is not None)
+    seed_values = seed_list(seeds, seed)
+    device = torch.device(device)
+    loaded_profile = load_profile(profile) if profile is not None else None
+    load = dict(overrides=overrides, data=data, batch_size=batch_size, seq_len=seq_len, device=device)
+    options = dict(lr=lr, adamw_lr=adamw_lr, baseline_lr=baseline_lr)
+
+    # Preflight: build the workload and every contender once, so that a bad model, data option or profile
+    # fails in a second, before any training; and warm each contender up with two untimed steps on a
+    # throwaway model (one-time costs: allocator, kernel selection, lazy init), timing the second one to
+    # refuse a time budget shorter than a step before the race starts.
+    first = build_workload(spec, seed=seed_values[0], **load)
+    initial = {k: v.clone() for k, v in first.model.state_dict().items()}
+    runs: dict[str, ContenderRuns] = {}
+    warm_step_s: dict[str, float] = {}
+    for name in names:
+        first.model.load_state_dict(initial)
+        try:
+            built = build_contender(name, first.model, profile=loaded_profile, seed=seed_values[0], **options)
+        except ContenderSkipped as why:
+            runs[name] = ContenderRuns(name, skipped=str(why))
+            if progress is not None:
+                progress(ProgressEvent("skipped", name, seed_values[0], message=str(why)))
+            continue
+        config = dict(built.config)
+        if name == "profile":
+            config["profile"] = _profile_label(profile)
+        runs[name] = ContenderRuns(name, config)
+        warm_step_s[name] = _warm_up(first, built.optimizer)
+    too_slow = {n: t for n, t in warm_step_s.items() if time_budget_s is not None and t >= time_budget_s}
+    if too_slow:
+        name, t = max(too_slow.items(), key=lambda kv: kv[1])
+        raise ValidationError(
+            f"--time-budget {time_budget_s:g} s is shorter than one training step ({t:.3g} s for contender "
+            f"{name!r}); give a budget of many steps"
+        )
+    meta = _meta(spec, first, profile, loaded_profile, device, names, seed_values, steps, time_budget_s, every, command)
+    meta["options"] = {k: v for k, v in options.items() if v is not None}
+    meta["warmup_step_s"] = warm_step_s
+    del first, initial
+
+    for s in seed_values:
+        for name in names:
+            entry = runs[name]
+            if entry.skipped is not None:
+                continue
+            workload = build_workload(spec, seed=s, **load)
+            built = build_contender(name, workload.model, profile=loaded_profile, seed=s, **options)
+            entry.runs[s] = _run_one(workload, built.optimizer, name, s, steps, every, time_budget_s, progress, clock)
+    meta["cpu_load_after"] = _load_average()
+    result = ValidationResult(meta, seed_values, runs)
+    result.summarize()
+    return result
+
+
+def _warm_up(workload: Workload, optimizer: Any, steps: int = 2) -> float:
+    """Run ``steps`` untimed training steps; return the wall time of the last one (device-synchronized)."""
+    sync = torch.cuda.synchronize if next(workload.model.parameters()).is_cuda else (lambda: None)
+    elapsed = 0.0
+    workload.model.train()
+    for k in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        workload.loss(workload.train_batch(k)).backward()
+        optimizer.step()
+        sync()
+        elapsed = time.perf_counter() - t0
+    optimizer.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def _run_one(
+    workload: Workload,
+    optimizer: Any,
+    name: str,
+    seed: int,
+    steps: int,
+    every: int,
+    time_budget_s: float | None,
+    progress: Callable[[ProgressEvent], None] | None,
+    clock: Callable[[], float],
+) -> TrainResult:
+    if progress is not None:
+        progress(ProgressEvent("start", name, seed, total=steps))
+    elapsed = 0.0
+    last_clock: list[float] = []
+
+    def timed_clock() -> float:
+        now = clock()
+        last_clock.append(now)
+        return now
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal elapsed
+        if step == 1 and time_budget_s is not None and steps > 1:
+            # Every clock read so far was during step 1 (train() times evaluation with its own timer).
+            elapsed = last_clock[-1] - last_clock[0]
+            if elapsed >= time_budget_s:
+                raise ValidationError(
+                    f"--time-budget {time_budget_s:g} s is shorter than one training step "
+                    f"({elapsed:.3g} s for contender {name!r}); give a budget of many steps"
+                )
+        if progress is not None:
+            progress(ProgressEvent("step", name, seed, step=step, total=steps, loss=loss))
+
+    def on_eval(step: int, val_loss: float | None) -> None:
+        if progress is not None:
+            progress(ProgressEvent("eval", name, seed, step=step, total=steps, loss=val_loss))
+
+    result = train(
+        workload,
+        optimizer,
+        steps=steps,
+        eval_every=every,
+        time_budget_s=time_budget_s,
+        on_step=on_step,
+        on_eval=on_eval,
+        clock=timed_clock,
+    )
+    if progress is not None:
+        progress(ProgressEvent("done", name, seed, step=result.steps_done, total=steps, result=result))
+    return result
+
+
+def _meta(
+    spec: str,
+    workload: Workload,
+    profile_path: Any,
+    profile: Any,
+    device: torch.device,
+    names: list[str],
+    seeds: list[int],
+    steps: int,
+    time_budget_s: float | None,
+    eval_every: int,
+    command: str | None,
+) -> dict[str, Any]:
+    named = [(n, tuple(p.shape)) for n, p in workload.model.named_parameters() if p.requires_grad]
+    profile_meta = None
+    if profile is not None:
+        model_info = profile.model
+        profile_meta = {
+            "path": _profile_label(profile_path),
+            "model": model_info.name if model_info else None,
+            "fingerprint": model_info.fingerprint if model_info else None,
+            "layer_entries": len(profile.layers),
+        }
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join(["muonprof", *sys.argv[1:]]),
+        "model": workload.describe(),
+        "fingerprint": fingerprint(named),
+        "num_parameters": sum(p.numel() for p in workload.model.parameters() if p.requires_grad),
+        "profile": profile_meta,
+        "contenders": names,
+        "seeds": seeds,
+        "steps": steps,
+        "time_budget_s": time_budget_s,
+        "eval_every": eval_every,
+        "device": str(device),
+        "device_name": _device_name(device),
+        "host": socket.gethostname(),
+        "versions": {
+            "muonprof": __version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+        "torch_threads": torch.get_num_threads(),
+        "cpu_load_before": _load_average(),
+        "peak_memory": (
+            "cuda: torch.cuda.max_memory_allocated per run; cpu: the whole process's peak RSS, reset per run "
+            "on Linux (VmHWM), else the process-wide high-water mark since start"
+        ),
+    }
+
+
+def _profile_label(profile: Any) -> str:
+    return str(profile) if isinstance(profile, (str, os.PathLike)) else "(in memory)"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+__all__ = ["DEFAULT_STEPS", "ProgressEvent", "ValidationError", "default_eval_every", "seed_list", "validate"]

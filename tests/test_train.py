@@ -1,0 +1,159 @@
+"""The shared training loop: what it records, when it evaluates and stops, and how it reports divergence."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from muonprof import ProfiledMuon
+from muonprof.train import TrainResult, evaluate, optimizer_state_bytes, train
+from muonprof.workload import Workload, build_workload
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # 2 cores shared with other jobs: one BLAS thread avoids oversubscription stalls (10-50x on tiny models).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp() -> Workload:
+    return build_workload("mlp", batch_size=4, seed=0)
+
+
+class FakeClock:
+    """Advances by ``rate`` seconds on every read: train() reads it 3 times a step, so a step takes 2*rate."""
+
+    def __init__(self, rate: float = 1.0) -> None:
+        self.now = 0.0
+        self.rate = rate
+
+    def __call__(self) -> float:
+        self.now += self.rate
+        return self.now
+
+
+def test_records_losses_times_evals_and_state() -> None:
+    w = mlp()
+    opt = ProfiledMuon(w.model)
+    steps_seen: list[int] = []
+    evals_seen: list[int] = []
+    r = train(
+        w,
+        opt,
+        steps=7,
+        eval_every=3,
+        on_step=lambda s, _: steps_seen.append(s),
+        on_eval=lambda s, _: evals_seen.append(s),
+    )
+    assert r.steps_done == 7 and len(r.train_losses) == 7 and len(r.wall_s) == 7 and r.stop_reason == "steps"
+    assert steps_seen == list(range(1, 8))
+    assert [e.step for e in r.evals] == evals_seen == [0, 3, 6, 7]  # step 0, every 3, and the end
+    assert all(math.isfinite(v) for v in r.train_losses)
+    assert all(o <= s for o, s in zip(r.optimizer_step_s, r.step_s))
+    assert all(b > a for a, b in zip(r.wall_s, r.wall_s[1:]))
+    assert r.wall_s[-1] == pytest.approx(sum(r.step_s))
+    assert r.evals[0].wall_s == 0.0 and r.evals[-1].wall_s == r.wall_s[-1]  # eval time is not training time
+    assert 0 < r.median_optimizer_step_s <= r.median_step_s
+    assert r.state_bytes > 0 and r.state_bytes == optimizer_state_bytes(opt)
+    assert r.peak_memory_bytes and r.peak_memory_bytes > 10 * 2**20 and r.peak_memory_kind.startswith("process_peak")
+    assert r.final_val_loss == r.evals[-1].val_loss < r.evals[0].val_loss
+    assert r.final_train_loss() == r.train_losses[-1]  # 10% of 7 steps rounds to 1 step
+    assert r.final_train_loss(0.5) == pytest.approx(sum(r.train_losses[-4:]) / 4)
+    assert w.model.training
+
+
+def test_state_bytes_counts_adam_moments() -> None:
+    w = mlp()
+    opt = torch.optim.AdamW(w.model.parameters(), lr=1e-3)
+    r = train(w, opt, steps=1, eval_every=1)
+    params = list(w.model.parameters())
+    moments = 2 * sum(p.nbytes for p in params)
+    steps = sum(opt.state[p]["step"].nbytes for p in params)
+    assert r.state_bytes == moments + steps
+
+
+def test_evaluate_is_no_grad_eval_mode_and_restores() -> None:
+    w = mlp()
+    seen: list[tuple[bool, bool]] = []
+    inner = w.loss_fn
+
+    def loss_fn(model: torch.nn.Module, batch: object) -> torch.Tensor:
+        seen.append((model.training, torch.is_grad_enabled()))
+        return inner(model, batch)
+
+    w = dataclasses.replace(w, loss_fn=loss_fn)
+    w.model.train()
+    value = evaluate(w)
+    assert seen and all(state == (False, False) for state in seen) and w.model.training
+    with torch.no_grad():
+        expected = float(torch.stack([inner(w.model, b) for b in w.val_batches()]).mean())
+    assert value == pytest.approx(expected, rel=1e-5)
+    assert evaluate(dataclasses.replace(w, val_batches=list)) is None
+
+
+def test_time_budget_with_fake_clock() -> None:
+    w = mlp()
+    clock = FakeClock(1.0)  # every step: 2 s in total, 1 s of it optimizer.step()
+    r = train(w, ProfiledMuon(w.model), steps=50, eval_every=2, time_budget_s=5.0, clock=clock)
+    assert r.steps_done == 3 and r.stop_reason == "time_budget"  # 2, 4, 6 >= 5: stops after the step that crosses
+    assert r.step_s == [2.0, 2.0, 2.0] and r.optimizer_step_s == [1.0, 1.0, 1.0] and r.wall_s == [2.0, 4.0, 6.0]
+    assert [(e.step, e.wall_s) for e in r.evals] == [(0, 0.0), (2, 4.0), (3, 6.0)]  # a final eval where it stopped
+    assert r.median_step_s == 2.0 and r.median_optimizer_step_s == 1.0
+    exact = train(mlp(), ProfiledMuon(mlp().model), steps=3, eval_every=5, time_budget_s=6.0, clock=FakeClock())
+    assert exact.stop_reason == "steps" and exact.steps_done == 3  # budget reached at the last step: not a stop
+
+
+def test_nonfinite_loss_marks_divergence_without_raising() -> None:
+    w = mlp()
+    opt = ProfiledMuon(w.model)
+    first = next(w.model.parameters())
+
+    def poison(step: int, loss: float) -> None:
+        if step == 2:
+            with torch.no_grad():
+                first.fill_(float("nan"))
+
+    r = train(w, opt, steps=10, eval_every=5, on_step=poison)
+    assert r.diverged_at == 3 and r.stop_reason == "diverged"
+    assert r.steps_done == 2 and len(r.train_losses) == 3 and math.isnan(r.train_losses[-1])
+    assert r.final_val_loss is None and r.final_train_loss() is None
+    assert [e.step for e in r.evals] == [0]  # no evaluation of a diverged model
+    text = json.dumps(r.to_dict(), allow_nan=False)  # strict JSON: the NaN is stored as null
+    back = TrainResult.from_dict(json.loads(text))
+    assert back.diverged_at == 3 and math.isnan(back.train_losses[-1]) and back.steps_done == 2
+
+
+def test_on_eval_exception_stops_the_run_and_propagates() -> None:
+    class Pruned(Exception):
+        pass
+
+    steps: list[int] = []
+
+    def prune(step: int, val_loss: float | None) -> None:
+        if step >= 4:
+            raise Pruned(step)
+
+    w = mlp()
+    with pytest.raises(Pruned):
+        train(w, ProfiledMuon(w.model), steps=20, eval_every=2, on_eval=prune, on_step=lambda s, _: steps.append(s))
+    assert steps == [1, 2, 3, 4]
+
+
+def test_round_trip_and_bad_arguments() -> None:
+    w = mlp()
+    r = train(w, ProfiledMuon(w.model), steps=3, eval_every=2)
+    back = TrainResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back.to_dict() == r.to_dict()
+    for kwargs in ({"steps": 0, "eval_every": 1}, {"steps": 2, "eval_every": 0}):
+        with pytest.raises(ValueError):
+            train(w, ProfiledMuon(w.model), **kwargs)
+    with pytest.raises(ValueError, match="time budget"):
+        train(w, ProfiledMuon(w.model), steps=2, eval_every=1, time_budget_s=0)
