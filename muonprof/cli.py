@@ -204,7 +204,7 @@ def profile_schema(
 
 
 # Command families live in muonprof.commands, one module each; this file is their table of contents.
-for _command_module in ("spectrum", "device", "tune", "validate"):
+for _command_module in ("spectrum", "bench", "device", "tune", "validate"):
     importlib.import_module(f".commands.{_command_module}", __package__).register(app)
 
 

@@ -1,0 +1,116 @@
+"""The bench artifact (``muonprof.bench/1``): what ``bench`` writes and ``tune`` reads.
+
+Plain JSON (it is small: costs per unique shape, measures per layer), written atomically at the end of
+the run, so an interrupted bench leaves the previous file or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._files import atomic_write
+from .cost import CostRecord
+
+FORMAT = "muonprof.bench/1"
+
+
+class BenchError(ValueError):
+    """A bench file that cannot be used: missing, corrupt, or another format version; one line."""
+
+
+@dataclass
+class BenchResult:
+    """Everything one bench run measured, plus what was derived from it (fronts, model summary)."""
+
+    meta: dict[str, Any]
+    layers: list[dict[str, Any]]  # name, matrix_shape, role, optimizer
+    costs: list[CostRecord]
+    accuracy: dict[str, dict[str, dict[str, Any]]]  # layer -> candidate label -> measures
+    model_check: dict[str, Any] = field(default_factory=dict)
+    fronts: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)  # "layers"/"roles" -> name
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def per_layer_costs(self) -> dict[tuple[int, int], dict[str, float]]:
+        """(m, n) -> label -> one layer's seconds per step, for the candidates that were timed."""
+        out: dict[tuple[int, int], dict[str, float]] = {}
+        for c in self.costs:
+            if c.per_layer_s is not None:
+                out.setdefault(c.shape, {})[c.label] = c.per_layer_s
+        return out
+
+    def cost(self, shape: tuple[int, int], label: str) -> CostRecord | None:
+        for c in self.costs:
+            if c.shape == tuple(shape) and c.label == label:
+                return c
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "meta": self.meta,
+            "layers": self.layers,
+            "costs": [c.to_json() for c in self.costs],
+            "accuracy": self.accuracy,
+            "model_check": self.model_check,
+            "fronts": self.fronts,
+            "summary": self.summary,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(_finite(self.to_json()), indent=1, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "bench data") -> BenchResult:
+        if not isinstance(data, dict) or "format" not in data:
+            raise BenchError(f"{source}: not a muonprof bench file")
+        if data["format"] != FORMAT:
+            raise BenchError(
+                f"{source}: format {data['format']!r} is not {FORMAT!r}; re-run `muonprof bench` with this version"
+            )
+        try:
+            return cls(
+                meta=dict(data["meta"]),
+                layers=[dict(layer) for layer in data["layers"]],
+                costs=[CostRecord.from_json(c) for c in data["costs"]],
+                accuracy={str(k): dict(v) for k, v in data["accuracy"].items()},
+                model_check=dict(data.get("model_check") or {}),
+                fronts=dict(data.get("fronts") or {}),
+                summary=dict(data.get("summary") or {}),
+            )
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise BenchError(f"{source}: corrupt bench file ({type(err).__name__}: {err})") from None
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: store them as null (a diverged candidate has no number to report)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def save_bench(result: BenchResult, path: str | os.PathLike[str]) -> Path:
+    """Write the artifact atomically."""
+    text = result.dumps() + "\n"
+    return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def load_bench(path: str | os.PathLike[str]) -> BenchResult:
+    """Read and check a bench file; every problem is a BenchError with a one-line message."""
+    source = Path(path)
+    if not source.is_file():
+        raise BenchError(f"{source}: no such bench file")
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise BenchError(f"{source}: not a muonprof bench file (cannot be read: {reason})") from None
+    return BenchResult.from_json(data, str(source))

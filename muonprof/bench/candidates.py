@@ -1,0 +1,192 @@
+"""The candidate grid: which orthogonalizer configurations bench measures.
+
+The default grid covers DESIGN.md's family at a size that takes minutes, not hours, on a CPU for
+GPT-2-small: Newton-Schulz steps 1-8 x schedules x {bf16, fp32} (cheap, because NS cost is shared
+across schedules and its accuracy comes from the spectral model), the exact SVD, and the low-rank
+family (power range finder with 0-2 power iterations, column selection, randomized SVD) at a handful
+of ranks. Flags narrow it; the torch default (Jordan x 5, bf16) is always in, as the baseline every
+speed-up is measured against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..ortho import METHODS, SCHEDULES, OrthoConfig
+from ..ortho.config import DTYPE_ALIASES, DTYPES
+
+BASELINE = OrthoConfig()  # torch.optim.Muon's default: 5 Jordan steps in bf16
+DEFAULT_STEPS: tuple[int, ...] = tuple(range(1, 9))
+DEFAULT_SCHEDULES: tuple[str, ...] = ("jordan", "polar_express", "quintic", "cubic", "you")
+DEFAULT_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
+DEFAULT_RANKS: tuple[int, ...] = (16, 32, 64, 128, 256)
+DEFAULT_POWER_ITERS: tuple[int, ...] = (0, 1, 2)
+# The low-rank methods orthogonalize their small r x n core with the he2025 recipe (5 Jordan steps):
+# the core is where little time goes, so varying it would multiply the grid for nothing.
+CORE_STEPS = 5
+CORE_SCHEDULE = "jordan"
+
+
+class GridError(ValueError):
+    """A flag that names an unknown method/schedule/dtype, a bad rank or step count; one line."""
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """What to bench; ``explicit`` names the axes the user set (they are not silently trimmed)."""
+
+    methods: tuple[str, ...] = METHODS
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    schedules: tuple[str, ...] = DEFAULT_SCHEDULES
+    dtypes: tuple[str, ...] = DEFAULT_DTYPES
+    ranks: tuple[int, ...] = DEFAULT_RANKS
+    power_iters: tuple[int, ...] = DEFAULT_POWER_ITERS
+    explicit: frozenset[str] = field(default_factory=frozenset)
+    # dtypes of the low-rank family; None: ``dtypes``. Unless --dtype is given, run_bench narrows it to
+    # the dtype the device runs fastest: low-rank accuracy needs real (simulated) runs per layer and seed,
+    # the bulk of a CPU bench, and bf16 vs fp32 barely moves low-rank accuracy or (on CPU) its time.
+    lowrank_dtypes: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "methods": list(self.methods),
+            "steps": list(self.steps),
+            "schedules": list(self.schedules),
+            "dtypes": list(self.dtypes),
+            "ranks": list(self.ranks),
+            "power_iters": list(self.power_iters),
+            "lowrank_dtypes": list(self.lowrank_dtypes or self.dtypes),
+            "explicit": sorted(self.explicit),
+            "core": f"ns{CORE_STEPS}-{CORE_SCHEDULE}",
+        }
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _ints(flag: str, text: str, positive: bool = True) -> tuple[int, ...]:
+    values: list[int] = []
+    for part in _split(text):
+        try:
+            value = int(part)
+        except ValueError:
+            raise GridError(f"{flag}: {part!r} is not an integer") from None
+        if positive and value < 1:
+            raise GridError(f"{flag}: must be positive, got {value}")
+        if not positive and value < 0:
+            raise GridError(f"{flag}: must be non-negative, got {value}")
+        values.append(value)
+    if not values:
+        raise GridError(f"{flag}: empty list")
+    return tuple(sorted(set(values)))
+
+
+def parse_grid(
+    methods: str | None = None,
+    ranks: str | None = None,
+    steps: str | None = None,
+    schedules: str | None = None,
+    dtypes: str | None = None,
+    power_iters: str | None = None,
+) -> GridSpec:
+    """A GridSpec from the comma-separated CLI flags (None: the default for that axis)."""
+    explicit: set[str] = set()
+    spec: dict[str, Any] = {}
+    if methods is not None:
+        names = _split(methods)
+        unknown = [m for m in names if m not in METHODS]
+        if unknown or not names:
+            raise GridError(f"--methods: unknown method {', '.join(unknown) or '(none)'} (known: {', '.join(METHODS)})")
+        spec["methods"] = tuple(m for m in METHODS if m in names)
+        explicit.add("methods")
+    if ranks is not None:
+        spec["ranks"] = _ints("--ranks", ranks)
+        explicit.add("ranks")
+    if steps is not None:
+        spec["steps"] = _ints("--steps", steps)
+        if max(spec["steps"]) > 100:
+            raise GridError(f"--steps: at most 100, got {max(spec['steps'])}")
+        explicit.add("steps")
+    if schedules is not None:
+        names = _split(schedules)
+        unknown = [s for s in names if s not in SCHEDULES]
+        if unknown or not names:
+            known = ", ".join(sorted(SCHEDULES))
+            raise GridError(f"--schedules: unknown schedule {', '.join(unknown) or '(none)'} (known: {known})")
+        spec["schedules"] = tuple(dict.fromkeys(names))
+        explicit.add("schedules")
+    if dtypes is not None:
+        names = [DTYPE_ALIASES.get(d, d) for d in _split(dtypes)]
+        unknown = [d for d in names if d not in DTYPES]
+        if unknown or not names:
+            raise GridError(f"--dtype: unknown dtype {', '.join(unknown) or '(none)'} (use bf16, fp32)")
+        spec["dtypes"] = tuple(dict.fromkeys(names))
+        explicit.add("dtypes")
+    if power_iters is not None:
+        spec["power_iters"] = _ints("--power-iters", power_iters, positive=False)
+        explicit.add("power_iters")
+    return GridSpec(**spec, explicit=frozenset(explicit))
+
+
+def candidate_label(config: OrthoConfig) -> str:
+    """``config.label()``, plus the dtype for rsvd (whose label omits it, but bench runs it in both)."""
+    label = config.label()
+    if config.method == "rsvd":
+        label += "-bf16" if config.dtype == "bfloat16" else "-fp32"
+    return label
+
+
+def _config(**settings: Any) -> OrthoConfig:
+    return OrthoConfig(**settings)
+
+
+def build_candidates(grid: GridSpec) -> list[OrthoConfig]:
+    """Every configuration of ``grid`` (shape-independent), the baseline first, without duplicates."""
+    out: list[OrthoConfig] = [BASELINE]
+    if "newton_schulz" in grid.methods:
+        for dtype in grid.dtypes:
+            for schedule in grid.schedules:
+                out += [_config(ns_steps=s, coefficients=schedule, dtype=dtype) for s in grid.steps]
+    if "svd" in grid.methods:
+        out.append(_config(method="svd", dtype="float32"))
+    for dtype in grid.lowrank_dtypes or grid.dtypes:
+        core = {"ns_steps": CORE_STEPS, "coefficients": CORE_SCHEDULE, "dtype": dtype}
+        for rank in grid.ranks:
+            if "lowrank" in grid.methods:
+                out += [_config(method="lowrank", rank=rank, power_iters=p, **core) for p in grid.power_iters]
+                columns = {"range_finder": "columns", "power_iters": 0, "oversample": 0}
+                out.append(_config(method="lowrank", rank=rank, **columns, **core))
+            if "rsvd" in grid.methods:
+                out.append(_config(method="rsvd", rank=rank, power_iters=1, dtype=dtype))
+    return list(dict.fromkeys(out))
+
+
+def fits(config: OrthoConfig, shape: Sequence[int]) -> bool:
+    """Whether ``config`` makes sense on an m x n matrix: a rank must be below min(m, n) (else it is full)."""
+    if config.method in ("lowrank", "rsvd") and config.rank is not None:
+        return config.rank < min(shape[-2], shape[-1])
+    return True
+
+
+def check_ranks(grid: GridSpec, shapes: Iterable[Sequence[int]]) -> tuple[GridSpec, list[str]]:
+    """Drop ranks that fit no benched layer; a user-given rank that fits none is a GridError.
+
+    Returns the narrowed grid and notes (one per default rank dropped). Ranks that fit some layers but
+    not others are kept and skipped per layer (``fits``).
+    """
+    if not {"lowrank", "rsvd"} & set(grid.methods):
+        return grid, []
+    shorts = [min(s[-2], s[-1]) for s in shapes]
+    largest = max(shorts, default=0)
+    too_big = [r for r in grid.ranks if r >= largest]
+    if too_big and "ranks" in grid.explicit:
+        raise GridError(
+            f"--ranks: {', '.join(map(str, too_big))} not below min(m, n) of any benched layer "
+            f"(largest short side: {largest})"
+        )
+    kept = tuple(r for r in grid.ranks if r < largest)
+    notes = [f"rank {r} skipped: not below min(m, n) = {largest} of any benched layer" for r in too_big]
+    return replace(grid, ranks=kept), notes

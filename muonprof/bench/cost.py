@@ -1,0 +1,271 @@
+"""Cost: time one orthogonalization per unique (matrix shape, config) on the device.
+
+Cost depends on shape, method, dtype and device, never on the values (DESIGN.md), so each unique
+(shape, config) is timed once and shared by every layer of that shape. It is timed the way ProfiledMuon
+runs it: on CPU one matrix per call (ProfiledMuon does not batch there), so a bucket of ``count`` layers
+costs ``count`` x the time; on accelerators the whole same-shape bucket as one batched call, so each
+layer's share is the batch time / ``count``.
+
+Newton-Schulz cost does not depend on the coefficients, only on the number of steps, the dtype and
+which steps are cubic (a cubic step skips one of the three products): every schedule with the same
+(shape, steps, dtype, cubic pattern) shares one timing. That is what keeps a CPU bench of 5 schedules
+x 8 steps x 2 dtypes at 32 timings per shape instead of 80. (Polar Express also scales the input by a
+constant, one elementwise pass: noise next to the matmuls.)
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..device.probe import Timer, default_timer
+from ..ortho import OrthoConfig, orthogonalize, resolve_schedule
+from .candidates import BASELINE, candidate_label, fits
+
+Progress = Callable[[str, int, int], None]  # (description, done, total)
+
+MEMORY_ESTIMATE = "estimate: bytes of the algorithm's live tensors (cost.workspace_bytes), not the allocator's peak"
+MEMORY_MEASURED = "measured: torch.cuda.max_memory_allocated delta around one call"
+
+
+@dataclass
+class Timing:
+    """Seconds per timed call over ``repeats`` samples (warm-up excluded)."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    p10_s: float
+    p90_s: float
+    repeats: int
+    warmup_s: float
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: the run-to-run noise to read a difference against."""
+        return (self.p90_s - self.p10_s) / self.median_s if self.median_s > 0 else 0.0
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile of a short list (statistics.quantiles needs >= 2 and excludes ends)."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def time_op(
+    op: Callable[[], Any],
+    timer: Timer,
+    *,
+    min_repeats: int = 3,
+    max_repeats: int = 15,
+    target_s: float = 0.15,
+    slow_s: float = 5.0,
+) -> Timing:
+    """One warm-up call (not counted), then samples until ``min_repeats`` and ``target_s`` are both reached.
+
+    Repeats adapt to the time budget: fast ops get up to ``max_repeats`` samples (their noise is
+    relatively larger), and an op whose warm-up alone took over ``slow_s`` gets a single sample, so a
+    pathological candidate (e.g. emulated bf16) cannot stall the bench for minutes.
+    """
+    warmup = timer.measure(op)
+    wanted = 1 if warmup > slow_s else min_repeats
+    times: list[float] = []
+    while len(times) < max_repeats and (len(times) < wanted or (wanted > 1 and sum(times) < target_s)):
+        times.append(timer.measure(op))
+    return Timing(
+        median_s=statistics.median(times),
+        min_s=min(times),
+        max_s=max(times),
+        p10_s=_quantile(times, 0.1),
+        p90_s=_quantile(times, 0.9),
+        repeats=len(times),
+        warmup_s=warmup,
+    )
+
+
+def cost_key(config: OrthoConfig) -> str:
+    """What the timing of ``config`` depends on: for Newton-Schulz, steps, dtype and the cubic steps only."""
+    if config.method == "newton_schulz":
+        rows = resolve_schedule(config.coefficients).coefficients(config.ns_steps)
+        pattern = "".join("c" if c == 0.0 else "q" for _, _, c in rows)
+        return f"ns:{config.dtype}:{pattern}"
+    return config.to_json()
+
+
+def workspace_bytes(m: int, n: int, config: OrthoConfig, batch: int = 1) -> int:
+    """Estimated extra memory of one call: the live tensors at the algorithm's busiest point.
+
+    With k = min(m, n), l = max(m, n), e = bytes of the compute dtype, sketch width w = rank + oversample:
+    Newton-Schulz holds the cast input, X, the Gram A = X X^T, B = bA + cA^2 and the new X: e(3kl + 2k^2);
+    SVD (float32) holds U, S, Vh, the product and about one copy as LAPACK workspace: 4(3kl + 2k^2);
+    low-rank holds the unit-norm input and its cast, the sketch and its products, the core and its
+    Newton-Schulz workspace, and the lifted result: 4(kl + 2lw + 3kw) + e(2kl + 3rl + 2r^2).
+    """
+    k, long = min(m, n), max(m, n)
+    e = 2 if config.dtype == "bfloat16" else 4
+    if config.method == "newton_schulz":
+        elems = e * (3 * k * long + 2 * k * k)
+    elif config.method == "svd":
+        elems = 4 * (3 * k * long + 2 * k * k)
+    else:
+        r = config.rank or k
+        w = r if config.range_finder == "columns" and config.method == "lowrank" else min(r + config.oversample, k)
+        elems = 4 * (k * long + 2 * long * w + 3 * k * w) + e * (2 * k * long + 3 * r * long + 2 * r * r)
+    return int(elems * batch)
+
+
+@dataclass
+class CostRecord:
+    """The cost of ``config`` on the layers of one matrix shape (one row of the artifact's ``costs``)."""
+
+    shape: tuple[int, int]
+    label: str
+    config: OrthoConfig
+    count: int  # benched layers of this shape
+    batch: int  # matrices per timed call: 1 on CPU, ``count`` on accelerators
+    timing: Timing | None = None
+    peak_memory_bytes: int | None = None
+    memory_source: str = MEMORY_ESTIMATE
+    skipped: str | None = None
+    shared_from: str | None = None  # the label whose timing this one reuses (Newton-Schulz schedules)
+
+    @property
+    def per_layer_s(self) -> float | None:
+        """One layer's share of a step: the call time (CPU) or the batched call's time / batch."""
+        return self.timing.median_s / self.batch if self.timing is not None else None
+
+    @property
+    def bucket_s(self) -> float | None:
+        """All ``count`` layers of this shape, per optimizer step."""
+        per = self.per_layer_s
+        return per * self.count if per is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "label": self.label,
+            "config": self.config.to_dict(),
+            "count": self.count,
+            "batch": self.batch,
+            "time_s": asdict(self.timing) if self.timing is not None else None,
+            "spread": self.timing.spread if self.timing is not None else None,
+            "per_layer_s": self.per_layer_s,
+            "bucket_s": self.bucket_s,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_source": self.memory_source,
+            "skipped": self.skipped,
+            "shared_from": self.shared_from,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CostRecord:
+        t = data.get("time_s")
+        return cls(
+            shape=(int(data["shape"][0]), int(data["shape"][1])),
+            label=str(data["label"]),
+            config=OrthoConfig.from_dict(data["config"]),
+            count=int(data["count"]),
+            batch=int(data["batch"]),
+            timing=Timing(**t) if t is not None else None,
+            peak_memory_bytes=data.get("peak_memory_bytes"),
+            memory_source=str(data.get("memory_source", MEMORY_ESTIMATE)),
+            skipped=data.get("skipped"),
+            shared_from=data.get("shared_from"),
+        )
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
+
+
+def measure_costs(
+    shapes: dict[tuple[int, int], int],
+    candidates: Sequence[OrthoConfig],
+    device: torch.device,
+    *,
+    timer: Timer | None = None,
+    skip_dtypes: dict[str, str] | None = None,
+    batched: bool | None = None,
+    progress: Progress | None = None,
+    **timing: Any,
+) -> list[CostRecord]:
+    """Time every candidate that fits each shape; ``shapes`` maps (m, n) to the number of layers.
+
+    ``skip_dtypes`` maps a dtype to the reason it is not timed (the device only emulates it); the
+    baseline is timed regardless, since every speed-up is quoted against it. Out of memory on one
+    candidate skips that candidate with the reason and goes on. ``timing`` goes to ``time_op``.
+    """
+    timer = timer or default_timer(device)
+    skip_dtypes = skip_dtypes or {}
+    batched = device.type != "cpu" if batched is None else batched
+    todo = [(shape, c) for shape in shapes for c in candidates if fits(c, shape)]
+    say = progress or (lambda _d, _i, _n: None)
+    shared: dict[tuple[tuple[int, int], str], CostRecord] = {}
+    records: list[CostRecord] = []
+    gen = torch.Generator(device=device)
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+    for done, (shape, config) in enumerate(todo):
+        label = candidate_label(config)
+        say(f"timing {shape[0]}x{shape[1]} {label}", done, len(todo))
+        count = shapes[shape]
+        batch = count if batched else 1
+        record = CostRecord(shape, label, config, count, batch)
+        if device.type == "cuda":
+            record.memory_source = MEMORY_MEASURED
+        records.append(record)
+        if config.dtype in skip_dtypes and config.method != "svd" and config != BASELINE:
+            record.skipped = skip_dtypes[config.dtype]
+            continue
+        key = (shape, cost_key(config))
+        if key in shared:
+            source = shared[key]
+            record.timing, record.peak_memory_bytes = source.timing, source.peak_memory_bytes
+            record.skipped, record.shared_from = source.skipped, source.label
+            continue
+        shared[key] = record
+        if shape not in inputs:
+            inputs.clear()  # one shape's input alive at a time
+            full = (batch, *shape) if batched else shape
+            inputs[shape] = torch.randn(full, device=device, dtype=torch.float32)
+        G = inputs[shape]
+
+        def op(G: torch.Tensor = G, config: OrthoConfig = config) -> torch.Tensor:
+            return orthogonalize(G, config, generator=gen.manual_seed(0))
+
+        try:
+            measured = _timed_with_memory(op, timer, device, shape, config, batch, timing)
+            record.timing, record.peak_memory_bytes = measured
+        except torch.OutOfMemoryError as err:
+            record.skipped = f"out of memory: {_one_line(err)}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    say("timing done", len(todo), len(todo))
+    return records
+
+
+def _timed_with_memory(
+    op: Callable[[], Any],
+    timer: Timer,
+    device: torch.device,
+    shape: tuple[int, int],
+    config: OrthoConfig,
+    batch: int,
+    timing: dict[str, Any],
+) -> tuple[Timing, int]:
+    if device.type != "cuda":
+        return time_op(op, timer, **timing), workspace_bytes(*shape, config, batch)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    op()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    return time_op(op, timer, **timing), int(peak)

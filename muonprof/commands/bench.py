@@ -1,0 +1,216 @@
+"""``muonprof bench``: what each orthogonalizer costs on this device and how accurate it is on this model."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ._common import console, err_console, fail
+
+CAPTURE_STEPS = 10
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_command)
+
+
+def bench_command(
+    source: Annotated[
+        str,
+        typer.Argument(metavar="SPECTRA|MODEL", help="A spectra file (`muonprof spectrum`), or a model to capture."),
+    ],
+    methods: Annotated[
+        str | None, typer.Option("--methods", help="Comma list of newton_schulz, svd, lowrank, rsvd (default: all).")
+    ] = None,
+    ranks: Annotated[
+        str | None, typer.Option("--ranks", help="Ranks for lowrank/rsvd, e.g. 32,64 (default 16..256).")
+    ] = None,
+    steps: Annotated[str | None, typer.Option("--steps", help="Newton-Schulz steps, e.g. 3,5 (default 1..8).")] = None,
+    schedules: Annotated[
+        str | None, typer.Option("--schedules", help="Coefficient schedules, e.g. jordan,polar_express.")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="bf16, fp32 or both (given: timed even where emulated).")
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Sketch seeds per randomized candidate.")] = 3,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    all_layers: Annotated[
+        bool, typer.Option("--all-layers", help="Bench every matrix, not only the Muon-routed ones.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Bench file (default: SPECTRA-stem.bench.json).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw the Pareto fronts per role as a PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the bench result JSON on stdout.")] = False,
+    capture_steps: Annotated[
+        int, typer.Option("--capture-steps", help="Training steps when capturing a MODEL first.")
+    ] = CAPTURE_STEPS,
+) -> None:
+    """Time every orthogonalizer candidate on this device and measure its accuracy on each layer's spectrum."""
+    from .._files import OutputPathError, check_writable
+    from ..bench import BenchError, GridError, parse_grid, run_bench, save_bench
+    from ..capture import SpectraError, load_spectra
+    from ..device import DeviceError, resolve_device
+
+    shown = err_console if as_json else console
+    try:
+        grid = parse_grid(methods=methods, ranks=ranks, steps=steps, schedules=schedules, dtypes=dtype)
+        if seeds < 1:
+            raise GridError(f"--seeds must be at least 1, got {seeds}")
+        torch_device = resolve_device(device)
+        is_file = Path(source).is_file()
+        stem = _stem(source) if is_file else _safe_name(source)
+        folder = Path(source).parent if is_file else Path(".")
+        out = out if out is not None else folder / f"{stem}.bench.json"
+        check_writable(out)
+        if plot is not None:
+            check_writable(plot)
+        if is_file:
+            spectra = load_spectra(source)
+            spectra_path = source
+        else:
+            spectra_path = str(folder / f"{stem}.spectra.pt")
+            check_writable(spectra_path)
+            spectra = _capture(source, torch_device, capture_steps, spectra_path, shown, as_json)
+    except (GridError, DeviceError, OutputPathError, SpectraError) as err:
+        fail(str(err), 2)
+
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=shown,
+        transient=as_json,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def on_progress(phase: str, detail: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=max(total, 1), detail="")
+        progress.update(tasks[phase], completed=done, total=max(total, 1), detail=detail[:60])
+
+    try:
+        with progress:
+            result = run_bench(
+                spectra,
+                device=torch_device,
+                grid=grid,
+                seeds=seeds,
+                all_layers=all_layers,
+                progress=on_progress,
+                spectra_path=spectra_path,
+                command=" ".join(["muonprof", *sys.argv[1:]]),
+            )
+    except (GridError, BenchError) as err:
+        fail(f"{err} (no bench file written)", 2)
+
+    save_bench(result, out)
+    if plot is not None:
+        from ..plots.pareto import plot_pareto
+
+        plot_pareto(result, plot)
+    if as_json:
+        print(result.dumps())
+        return
+    _print_report(result)
+    console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+
+
+def _capture(model: str, device: Any, steps: int, path: str, shown: Any, as_json: bool) -> Any:
+    """The thin MODEL path: build the workload, capture its spectra (with matrices), save them."""
+    from ..capture import CaptureError, capture_spectra, save_spectra
+    from ..data import DataError
+    from ..models import ModelSpecError
+    from ..workload import WorkloadError, build_workload
+
+    try:
+        workload = build_workload(model, device=device)
+        with Progress(
+            TextColumn("capturing {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=shown,
+            transient=as_json,
+        ) as progress:
+            task = progress.add_task(model, total=steps)
+            spectra = capture_spectra(
+                workload,
+                steps=steps,
+                every=steps,
+                save_matrices=True,
+                on_step=lambda _step, _loss: progress.advance(task),
+            )
+    except (ModelSpecError, DataError, WorkloadError) as err:
+        fail(f"{model!r} is not a spectra file, and as a model: {err}", 2)
+    except CaptureError as err:
+        fail(f"{err} (no bench file written)")
+    save_spectra(spectra, path)
+    shown.print(f"captured {model}: wrote {path}")
+    return spectra
+
+
+def _print_report(result: Any) -> None:
+    summary = result.summary
+    baseline = summary["baseline"]
+    for role, front in result.fronts["roles"].items():
+        table = Table(title=f"{role}: Pareto-optimal candidates (time vs alignment)")
+        for col in ("candidate", "time/step", "align (layer mean)", "align (worst)", "rel_err", "sv range"):
+            table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=col == "candidate")
+        rows = list(front)
+        if baseline not in {p["label"] for p in rows}:
+            rows += [p for p in result.fronts["role_points"].get(role, []) if p["label"] == baseline]
+        for p in sorted(rows, key=lambda p: p["time_s"]):
+            name = p["label"] + (" (default)" if p["label"] == baseline else "")
+            table.add_row(
+                name,
+                _ms(p["time_s"]),
+                f"{p['alignment']:.4f}",
+                f"{p['alignment_worst']:.4f}",
+                f"{p['rel_err']:.3f}",
+                f"{p['sv_min']:.2f}-{p['sv_max']:.2f}",
+            )
+        console.print(table)
+    check = result.model_check
+    if check.get("rows"):
+        console.print(
+            f"spectral model vs real bf16 Newton-Schulz ({len(check['layers'])} layers x {len(check['configs'])} "
+            f"configs): max gap alignment {check['max_gap_alignment']:.2g}, rel_err {check['max_gap_rel_err']:.2g}"
+        )
+    for note in result.meta.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if summary.get("speedup") is not None:
+        short = f"; {len(summary['short_of_target'])} layers short of it" if summary["short_of_target"] else ""
+        console.print(
+            f"per step: default {baseline} everywhere {_ms(summary['default_step_s'])} "
+            f"(mean alignment {summary['default_alignment_mean']:.3f}) vs fastest reaching alignment "
+            f">= {summary['target_alignment']} per layer {_ms(summary['tuned_step_s'])}: "
+            f"[bold]{summary['speedup']:.2f}x[/]{short}"
+        )
+    else:
+        console.print(f"per step: the default {baseline} was not timed on every layer (see the bench file)")
+    console.print(f"bench took {result.meta['wall_s']:.1f} s")
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".spectra.pt", ".pt"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def _safe_name(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "model"
