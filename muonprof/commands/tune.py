@@ -22,7 +22,8 @@ def tune_command(
     source: Annotated[str, typer.Argument(help="MODEL (built-in, module:factory, hf:PATH) or a spectra file.")],
     bench_file: Annotated[Path | None, typer.Option("--bench", help="A bench file (default: run bench).")] = None,
     target_alignment: Annotated[
-        float | None, typer.Option("--target-alignment", help="Fastest profile reaching this descent share.")
+        float | None,
+        typer.Option("--target-alignment", help="Fastest profile with this descent share (default: the default's)."),
     ] = None,
     time_budget_ms: Annotated[
         float | None, typer.Option("--time-budget-ms", help="Best profile within this orthogonalization time.")

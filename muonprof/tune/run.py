@@ -104,7 +104,11 @@ def tune_stage1(
     notes = [] if weights is not None else ["no spectra: layers weighted equally in the descent share"]
     base = stage1.baseline(menus)
     hull = stage1.lagrangian_hull(menus)
-    target = 0.95 if target_alignment is None else target_alignment
+    # No target and no budget: match the default's descent share, as fast as possible ("never worse").
+    if target_alignment is None and time_budget_s is None:
+        target_alignment = base.quality
+        notes.append(f"target: the default's descent share {base.quality:.4f}")
+    target = target_alignment if target_alignment is not None else base.quality
     exact = [base, *hull, stage1.fastest_per_layer(menus, target)]
 
     name = f"{study_name}-ortho"
