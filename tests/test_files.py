@@ -1,0 +1,38 @@
+"""Atomic writes keep normal permissions and never leave half a file; unwritable outputs fail early."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from muonprof._files import OutputPathError, atomic_write, check_writable
+
+
+def test_atomic_write_permissions_and_cleanup(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        target = atomic_write(tmp_path / "a" / "out.bin", lambda fh: fh.write(b"one"))
+        assert target.read_bytes() == b"one" and (target.stat().st_mode & 0o777) == 0o644
+        target.chmod(0o600)
+        atomic_write(target, lambda fh: fh.write(b"two"))
+        assert target.read_bytes() == b"two" and (target.stat().st_mode & 0o777) == 0o600  # the old mode stays
+
+        def boom(fh: object) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(target, boom)
+        assert target.read_bytes() == b"two" and not list(target.parent.glob(".*.tmp"))
+    finally:
+        os.umask(old)
+
+
+def test_check_writable(tmp_path: Path) -> None:
+    assert check_writable(tmp_path / "new" / "x.json") == tmp_path / "new" / "x.json"
+    with pytest.raises(OutputPathError, match="is a directory"):
+        check_writable(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="cannot create folder"):
+        check_writable(tmp_path / "file" / "x.json")
