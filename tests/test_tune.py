@@ -264,3 +264,27 @@ def test_cli_bad_inputs(files: dict[str, Path], tmp_path: Path) -> None:
     r = runner.invoke(app, ["tune", str(files["spectra"]), "--bench", str(tmp_path / "other.bench.json"), *out])
     assert r.exit_code == 2 and "measured on" in r.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+def test_stage2_reproduces_and_enqueues_the_defaults_first(files: dict[str, Path], tmp_path: Path) -> None:
+    from muonprof.bench import load_bench
+    from muonprof.capture import load_spectra
+    from muonprof.tune import tune_stage2
+
+    spectra = load_spectra(files["spectra"])
+    menus = build_menus(load_bench(files["bench"]), momentum_weights(spectra), floor=0.0)
+    picks = {m.name: m.option(BASELINE_LABEL).config for m in menus}
+
+    def run(db: str) -> object:
+        return tune_stage2(
+            lambda: build_workload("gpt2-tiny", batch_size=2, seq_len=16, seed=0), menus, picks,
+            storage=f"sqlite:///{tmp_path / db}", study_name="lr", fingerprint=spectra.meta["fingerprint"],
+            model="gpt2-tiny", trials=3, steps=4, eval_every=2, seed=5,
+        )  # fmt: skip
+
+    first, second = run("a.db"), run("b.db")
+    assert first.choice == second.choice and first.best_value == second.best_value
+    assert first.default_value is not None and first.best_value <= first.default_value
+    study = optuna.load_study(study_name="lr-lr", storage=f"sqlite:///{tmp_path / 'a.db'}")
+    assert study.trials[0].params["lr_mult"] == 1.0 and study.trials[0].params["lr_rule"] == "original"
+    assert set(first.scales) == {m.name for m in menus} and all(s > 0 for s in first.scales.values())
