@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, safe_name
 
 CAPTURE_STEPS = 10
 
@@ -63,7 +62,7 @@ def bench_command(
             raise GridError(f"--seeds must be at least 1, got {seeds}")
         torch_device = resolve_device(device)
         is_file = Path(source).is_file()
-        stem = _stem(source) if is_file else _safe_name(source)
+        stem = _stem(source) if is_file else safe_name(source)
         folder = Path(source).parent if is_file else Path(".")
         out = out if out is not None else folder / f"{stem}.bench.json"
         check_writable(out)
@@ -212,5 +211,3 @@ def _stem(path: str) -> str:
     return Path(path).stem
 
 
-def _safe_name(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "model"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, safe_name
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -80,7 +79,7 @@ def spectrum_command(
         planned = capture_steps(steps, every)
     except ValueError as err:
         fail(str(err), 2)
-    out = out if out is not None else Path(f"{_safe_name(model)}.spectra.pt")
+    out = out if out is not None else Path(f"{safe_name(model)}.spectra.pt")
     try:
         check_writable(out)
         if plot is not None:
@@ -198,8 +197,6 @@ def _layer_table(spectra: Any) -> Table:
     return table
 
 
-def _safe_name(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "model"
 
 
 def _json_default(value: Any) -> Any:

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, safe_name
 
 
 def register(app: typer.Typer) -> None:
@@ -93,7 +93,7 @@ def tune_command(
             seq_len = seq_len if seq_len is not None else model_meta.get("seq_len")
         else:
             model = source
-        out = out if out is not None else Path(f"{_safe(model)}.profile.json")
+        out = out if out is not None else Path(f"{safe_name(model)}.profile.json")
         check_writable(out)
         for extra in (plot,):
             if extra is not None:
@@ -288,7 +288,3 @@ def _progress(shown: Any, transient: bool) -> Progress:
     )
 
 
-def _safe(spec: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "model"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +13,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, safe_name
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -72,7 +71,7 @@ def validate_command(
     from ..validate import ContenderError, ProgressEvent, ValidationError, save_results, validate
     from ..workload import WorkloadError
 
-    out = out if out is not None else Path(f"{_safe_name(model)}.validate.json")
+    out = out if out is not None else Path(f"{safe_name(model)}.validate.json")
     shown = console if not as_json else err_console
     try:
         check_writable(out)
@@ -246,5 +245,3 @@ def _one_line(err: BaseException) -> str:
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
-def _safe_name(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "model"
