@@ -95,9 +95,8 @@ def tune_command(
             model = source
         out = out if out is not None else Path(f"{safe_name(model)}.profile.json")
         check_writable(out)
-        for extra in (plot,):
-            if extra is not None:
-                check_writable(extra)
+        if plot is not None:
+            check_writable(plot)
         storage_url = storage or default_storage(out)
 
         def build() -> Any:
