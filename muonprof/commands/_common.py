@@ -7,6 +7,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console()
 err_console = Console(stderr=True)
@@ -22,3 +23,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def safe_name(spec: str) -> str:
     """A file-name stem for a MODEL spec (``pkg.mod:build`` -> ``pkg.mod_build``; ``hf:/a/b`` -> ``b``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "model"
+
+
+def training_progress(shown: Console, transient: bool) -> Progress:
+    """The progress bar of a training run: steps done, the latest loss (task field ``loss``), time left."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=shown,
+        transient=transient,
+    )

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import console, err_console, fail, safe_name
+from ._common import console, err_console, fail, safe_name, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -105,16 +104,7 @@ def spectrum_command(
         f"[bold]{model}[/]: {params / 1e6:,.2f}M parameters on {torch_device}; data: {workload.data['description']}; "
         f"capturing at steps {', '.join(map(str, planned))}"
     )
-    progress = Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=shown,
-        transient=as_json,
-    )
+    progress = training_progress(shown, as_json)
     try:
         with progress:
             task = progress.add_task("training", total=steps, loss="-")

@@ -10,10 +10,9 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import console, err_console, fail, safe_name
+from ._common import console, err_console, fail, safe_name, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -82,16 +81,7 @@ def validate_command(
     except (ModelSpecError, DeviceError, OutputPathError) as err:
         fail(_one_line(err), 2)
 
-    progress = Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=shown,
-        transient=as_json,
-    )
+    progress = training_progress(shown, as_json)
     tasks: dict[tuple[str, int], Any] = {}
     multi_seed = seeds > 1
 

@@ -149,8 +149,7 @@ def tune_stage2(
     on_step: Callable[[int], None] | None = None,
 ) -> Stage2Result:
     """Short real training trials over the LR space (``stage2``); the default settings are trial 0."""
-    groups = sorted({stage2.group_of(m.role) for m in menus})
-    lowrank = any(getattr(picks[m.name], "method", "") in ("lowrank", "rsvd") for m in menus)
+    groups, lowrank = stage2.search_space(menus, picks)
     name = f"{study_name}-lr"
     chosen_pruner: optuna.pruners.BasePruner = (
         optuna.pruners.HyperbandPruner(min_resource=eval_every, max_resource=steps)

@@ -108,6 +108,13 @@ def default_params(groups: Sequence[str], lowrank: bool) -> dict[str, Any]:
     return params
 
 
+def search_space(menus: Sequence[LayerMenu], picks: Mapping[str, Any]) -> tuple[list[str], bool]:
+    """The role groups present, and whether any layer is low-rank (then the rank compensation is searched)."""
+    groups = sorted({group_of(m.role) for m in menus})
+    lowrank = any(getattr(picks[m.name], "method", "") in ("lowrank", "rsvd") for m in menus)
+    return groups, lowrank
+
+
 def training_profile(menus: Sequence[LayerMenu], picks: Mapping[str, Any], choice: LrChoice) -> dict[str, Any]:
     """The in-memory profile a trial trains with (stage 1's recipe plus this trial's scales)."""
     from .writer import settings_of
@@ -135,8 +142,7 @@ def make_objective(
     """Objective: final validation loss of a short run; reports intermediate losses to the pruner."""
     from ..train import train
 
-    groups = sorted({group_of(m.role) for m in menus})
-    lowrank = any(getattr(picks[m.name], "method", "") in ("lowrank", "rsvd") for m in menus)
+    groups, lowrank = search_space(menus, picks)
 
     def objective(trial: optuna.Trial) -> float:
         choice = suggest(trial, groups, rules, lowrank)
