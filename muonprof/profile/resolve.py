@@ -19,6 +19,7 @@ from .io import ProfileError, fingerprint
 from .schema import LayerSettings, Profile
 
 ORTHO_KEYS = frozenset(OrthoConfig.__dataclass_fields__)
+MOMENTUM_KEYS = frozenset({"momentum", "momentum_rank"})
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,13 @@ class LayerPlan:
     ortho: OrthoConfig | None = None
     lr_rule: str = "original"
     lr_scale: float = 1.0
+    momentum: str = "ema"  # "ema" | "storm"
+    momentum_rank: int | None = None  # low-rank momentum factors (LiMuon); None keeps the full buffer
+
+    @property
+    def momentum_label(self) -> str:
+        base = self.momentum
+        return f"{base}, rank {self.momentum_rank}" if self.momentum_rank else base
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -112,17 +120,26 @@ def resolve_layers(
             optimizer, reason = "adamw", "profile defaults"
         lr_scale = float(settings.get("lr_scale", 1.0))
         lr_rule = settings.get("lr_rule", "original")
+        where = f'layers["{name}"]' if entry is not None else f"defaults (applied to {name!r})"
         if optimizer == "adamw":
+            own = sorted(MOMENTUM_KEYS & entry.explicit().keys()) if entry is not None else []
+            if own:
+                errors.append(f"{where}: {', '.join(own)} applies to Muon layers only (this layer uses adamw)")
+                continue
             plans[name] = LayerPlan(name, "adamw", reason, tuple(shape), None, lr_rule, lr_scale)
             continue
-        where = f'layers["{name}"]' if entry is not None else f"defaults (applied to {name!r})"
         if len(shape) < 2:
             errors.append(f"{where}: optimizer muon needs a matrix, {name!r} has shape {tuple(shape)}")
             continue
+        momentum = settings.get("momentum", "ema")
+        momentum_rank = settings.get("momentum_rank")
         try:
             ortho = OrthoConfig.from_dict({k: v for k, v in settings.items() if k in ORTHO_KEYS})
-            plan = LayerPlan(name, "muon", reason, tuple(shape), ortho, lr_rule, lr_scale)
+            plan = LayerPlan(
+                name, "muon", reason, tuple(shape), ortho, lr_rule, lr_scale, momentum, momentum_rank
+            )
             ortho.check_shape(plan.matrix_shape)
+            _check_momentum(plan, entry)
         except ValueError as err:
             errors.append(f"{where} (matrix {'x'.join(map(str, matrix_shape(shape)))}): {err}")
             continue
@@ -137,6 +154,24 @@ def resolve_layers(
             stacklevel=3,
         )
     return plans
+
+
+def _check_momentum(plan: LayerPlan, entry: LayerSettings | None) -> None:
+    """A low-rank momentum is orthogonalized from its own factors, so it must fit the matrix and must not
+    be combined with an orthogonalizer the same entry asks for (that would be silently ignored)."""
+    rank = plan.momentum_rank
+    if rank is None:
+        return
+    m, n = plan.matrix_shape
+    if rank > min(m, n):
+        raise ValueError(f"momentum_rank {rank} is larger than the matrix allows (min(m, n) = {min(m, n)})")
+    own = entry.explicit() if entry is not None else {}
+    clashing = sorted(k for k in own if k in ORTHO_KEYS or k == "preset")
+    if clashing:
+        raise ValueError(
+            f"momentum_rank orthogonalizes straight from its factors (U_r V_r^T); "
+            f"{', '.join(clashing)} would be ignored: drop them or drop momentum_rank"
+        )
 
 
 def _describe_mismatch(profile: Profile, shapes: Mapping[str, tuple[int, ...]]) -> str:

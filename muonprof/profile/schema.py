@@ -60,6 +60,21 @@ class LayerSettings(_Strict):
         None, description="Shape rule: step = base lr x lr_rule(shape) x lr_scale."
     )
     lr_scale: float | None = Field(None, gt=0)
+    momentum: Literal["ema", "storm"] | None = Field(
+        None,
+        description=(
+            "ema: torch.optim.Muon's B <- lerp(B, g, 1 - mu). storm: LiMuon's variance-reduced "
+            "M_t = g(x_t) + mu (M_{t-1} - g(x_{t-1})) on the same batch; needs step(closure) (two backward passes)."
+        ),
+    )
+    momentum_rank: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Keep the momentum as rank-r randomized-SVD factors ((m + n + 1) r numbers instead of m n); "
+            "the update is U_r V_r^T straight from the factors (LiMuon)."
+        ),
+    )
 
     @field_validator("lr_scale", "eps")
     @classmethod
@@ -134,7 +149,7 @@ class Conventions(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    momentum: Literal["ema"] = "ema"
+    momentum: str = "ema (per layer: ema | storm, optionally low-rank with momentum_rank)"
     nesterov: bool = True
     normalization: str = "X / max(||X||_F * norm_scale, eps) before Newton-Schulz"
     lr: str = "base lr x lr_rule(fan_out, fan_in of the orthogonalized matrix) x lr_scale"

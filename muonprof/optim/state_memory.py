@@ -1,0 +1,115 @@
+"""What ProfiledMuon keeps between steps, per layer, predicted from the plan alone.
+
+Bench and tune need the number before any optimizer exists (to price a candidate, to meet
+``--state-memory-budget``); the optimizer's real state is checked against these formulas by the tests,
+so the prediction and ``optimizer_state_bytes`` of a live optimizer agree to the byte.
+
+Per Muon layer of matrix shape (m, n) and element size e:
+
+- ``ema`` (torch.optim.Muon): one m x n momentum buffer: ``m n e``.
+- ``momentum_rank = r``: factors U (m x r), S (r), V (n x r): ``(m + n + 1) r e``.
+- ``storm``: adds the previous parameters (the same numel as the layer) for the second gradient.
+- every layer: a float32 step counter (4 bytes).
+
+AdamW layers: ``exp_avg`` and ``exp_avg_sq`` (2 x numel x e) and a float32 step (4 bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..lr_rules import matrix_shape
+from ..profile import LayerPlan
+
+STEP_COUNTER_BYTES = 4
+
+
+def momentum_numel(shape: Sequence[int], momentum_rank: int | None = None) -> int:
+    """Numbers in one Muon layer's momentum: the full buffer, or its rank-r factors."""
+    if momentum_rank is None:
+        return math.prod(shape)
+    m, n = matrix_shape(tuple(shape))
+    return (m + n + 1) * momentum_rank
+
+
+def muon_state_bytes(
+    shape: Sequence[int],
+    *,
+    momentum: str = "ema",
+    momentum_rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Bytes one Muon layer keeps between steps (momentum, STORM's previous parameters, step counter)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    numel = momentum_numel(shape, momentum_rank)
+    if momentum == "storm":
+        numel += math.prod(shape)
+    return numel * element + STEP_COUNTER_BYTES
+
+
+def adamw_state_bytes(shape: Sequence[int], *, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one AdamW-routed parameter keeps: two moments and a step counter."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * math.prod(shape) * element + STEP_COUNTER_BYTES
+
+
+def plan_state_bytes(plan: LayerPlan, dtype: torch.dtype = torch.float32) -> int:
+    """Predicted optimizer state of one parameter under its resolved plan."""
+    if plan.optimizer == "adamw":
+        return adamw_state_bytes(plan.shape, dtype=dtype)
+    return muon_state_bytes(plan.shape, momentum=plan.momentum, momentum_rank=plan.momentum_rank, dtype=dtype)
+
+
+def plans_state_bytes(plans: Iterable[LayerPlan], dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Predicted state split into ``muon``, ``adamw`` and ``total`` bytes."""
+    muon = adamw = 0
+    for plan in plans:
+        if plan.optimizer == "adamw":
+            adamw += plan_state_bytes(plan, dtype)
+        else:
+            muon += plan_state_bytes(plan, dtype)
+    return {"muon": muon, "adamw": adamw, "total": muon + adamw}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MB"``, ``"1.5GiB"``, ``"2e9"`` or ``"750k"`` as a byte count (decimal k/M/G, binary Ki/Mi/Gi)."""
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 10**3,
+        "kb": 10**3,
+        "m": 10**6,
+        "mb": 10**6,
+        "g": 10**9,
+        "gb": 10**9,
+        "t": 10**12,
+        "tb": 10**12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtib")
+    unit = raw[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (examples: 512MB, 1.5GiB, 2e9)") from None
+    if unit not in units:
+        raise ValueError(f"unknown unit {unit!r} in {text!r} (use B, kB, MB, GB, KiB, MiB, GiB)")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"a size must be a positive number of bytes, got {text!r}")
+    return int(value * units[unit])
+
+
+def format_bytes(count: float) -> str:
+    """Human-readable binary size: ``1.50 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    return f"{count:.2f} GiB"
