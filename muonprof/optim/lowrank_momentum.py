@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..ortho.config import OrthoConfig
 from ..ortho.exact import numerical_rank_mask
-from ..ortho.lowrank import rsvd_factors
+from ..ortho.lowrank import Generators, rsvd_factors
 
 MOMENTUM_OVERSAMPLE = 8
 MOMENTUM_POWER_ITERS = 1
@@ -39,18 +39,21 @@ def compression_config(rank: int) -> OrthoConfig:
     )
 
 
-def compress(
-    M: Tensor, rank: int, *, generator: torch.Generator | list[torch.Generator] | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def compress(M: Tensor, rank: int, *, generator: Generators = None) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-``rank`` factors (U ``(.., m, r)``, S ``(.., r)``, V ``(.., n, r)``) of ``M`` (``(m, n)`` or batched).
 
     In M's own orientation, float32. The sketch works on M / ||M||_F (so tiny and huge momenta behave
-    alike) and S is scaled back. A zero M gives zero S (and a zero direction).
+    alike) and S is scaled back (S overflows to inf only when M's singular values do). A zero M gives
+    zero S (and a zero direction).
     """
     squeeze = M.ndim == 2
     X = (M.unsqueeze(0) if squeeze else M).float()
-    norm = torch.linalg.matrix_norm(X).clamp(min=torch.finfo(torch.float32).tiny)
-    X = X / norm[:, None, None]
+    # Scale by the largest entry first: ||X||_F itself overflows float32 once entries pass ~1e19.
+    peak = X.abs().amax(dim=(-2, -1)).clamp(min=torch.finfo(torch.float32).tiny)
+    X = X / peak[:, None, None]
+    fro = torch.linalg.matrix_norm(X).clamp(min=torch.finfo(torch.float32).tiny)
+    X = X / fro[:, None, None]
+    norm = peak * fro
     tall = X.size(-2) > X.size(-1)
     U, S, Vh = rsvd_factors(X, compression_config(rank), generator)  # wide orientation
     S = S * norm[:, None]

@@ -6,12 +6,11 @@ methods live in their own modules. See DESIGN.md for the family and the quality 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .config import METHODS, PRESETS, OrthoConfig
 from .exact import svd_polar
-from .lowrank import lowrank_orthogonalize, rsvd_factors, rsvd_orthogonalize
+from .lowrank import Generators, lowrank_orthogonalize, rsvd_factors, rsvd_orthogonalize
 from .newton_schulz import newton_schulz
 from .quality import alignment, matrix_with_spectrum, rel_err, singular_range
 from .schedules import SCHEDULES, Schedule, resolve_schedule
@@ -40,11 +39,12 @@ __all__ = [
 ]
 
 
-def orthogonalize(G: Tensor, config: OrthoConfig | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+def orthogonalize(G: Tensor, config: OrthoConfig | None = None, *, generator: Generators = None) -> Tensor:
     """The orthogonalized update of ``G`` (``(m, n)`` or ``(B, m, n)``) under ``config``; same shape.
 
     The result is in the config's compute dtype (float32 for ``svd``); callers add it to parameters of
-    any dtype. ``generator`` seeds the randomized methods (it must live on ``G``'s device).
+    any dtype. ``generator`` seeds the randomized methods (it must live on ``G``'s device): one for the
+    whole batch, or a sequence with one per matrix.
     """
     config = config or OrthoConfig()
     if G.ndim not in (2, 3):

@@ -14,6 +14,8 @@ torch has no bf16 QR, and the reference code does its QR in float32 too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -56,6 +58,9 @@ def _small_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.linalg.svd(B, full_matrices=False)
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
 def range_finder(
     X: Tensor,
     rank: int,
@@ -63,22 +68,37 @@ def range_finder(
     method: str = "power",
     power_iters: int = 1,
     oversample: int = 8,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Orthonormal basis (float32, ``(B, m, l)``) of the leading column space of the wide ``X`` (``(B, m, n)``).
 
     ``columns`` returns exactly ``rank`` columns. ``power`` returns ``rank + oversample`` (at most m)
     columns; ``truncate_basis`` narrows them to the best rank-``rank`` subspace.
+
+    ``generator`` may be one generator for the whole batch or one per matrix. Per matrix, matrix i's
+    sketch depends on its own generator only, so a batched call draws exactly what B separate calls
+    would: the optimizer relies on that to give the same update whichever rank (or batch) computes it.
     """
     batch, m, n = X.shape
+    per_matrix = generator is not None and not isinstance(generator, torch.Generator)
+    if per_matrix and len(generator) != batch:  # type: ignore[arg-type]
+        raise ValueError(f"range_finder: {len(generator)} generators for a batch of {batch}")  # type: ignore[arg-type]
     if method == "columns":
+        if per_matrix:
+            cols = torch.stack([torch.randperm(n, generator=g, device=X.device)[:rank] for g in generator])  # type: ignore[union-attr]
+            return _qr_q(torch.take_along_dim(X, cols[:, None, :], dim=-1))
         # Uniform columns without replacement, shared across the batch (as in the reference code).
-        idx = torch.randperm(n, generator=generator, device=X.device)[:rank]
+        idx = torch.randperm(n, generator=generator, device=X.device)[:rank]  # type: ignore[arg-type]
         return _qr_q(X[..., idx])
     if method != "power":
         raise ValueError(f"range_finder: unknown method {method!r}")
     width = min(rank + oversample, m)
-    omega = torch.randn(batch, n, width, generator=generator, device=X.device, dtype=torch.float32)
+    if per_matrix:
+        omega = torch.stack(
+            [torch.randn(n, width, generator=g, device=X.device, dtype=torch.float32) for g in generator]  # type: ignore[union-attr]
+        )
+    else:
+        omega = torch.randn(batch, n, width, generator=generator, device=X.device, dtype=torch.float32)  # type: ignore[arg-type]
     Y = X @ omega.to(X.dtype)
     for _ in range(power_iters):
         # Subspace iteration with re-orthogonalization after each product: without it the columns of
@@ -106,7 +126,7 @@ def truncate_basis(Q: Tensor, X: Tensor, rank: int) -> Tensor:
     return Q @ U[..., :rank]
 
 
-def _configured_range_finder(X: Tensor, config: OrthoConfig, generator: torch.Generator | None) -> Tensor:
+def _configured_range_finder(X: Tensor, config: OrthoConfig, generator: Generators) -> Tensor:
     assert config.rank is not None
     return range_finder(
         X,
@@ -135,7 +155,7 @@ def _restore(O: Tensor, tall: bool, squeeze: bool) -> Tensor:
     return O.squeeze(0) if squeeze else O
 
 
-def lowrank_orthogonalize(G: Tensor, config: OrthoConfig, generator: torch.Generator | None = None) -> Tensor:
+def lowrank_orthogonalize(G: Tensor, config: OrthoConfig, generator: Generators = None) -> Tensor:
     """Rank-r Q . orth(Q^T G); short sides <= ``config.full_below`` get full Newton-Schulz instead.
 
     The rank-r result is not rescaled: its Frobenius norm is about sqrt(r) rather than sqrt(min(m, n)).
@@ -161,7 +181,7 @@ def lowrank_orthogonalize(G: Tensor, config: OrthoConfig, generator: torch.Gener
 
 
 def rsvd_factors(
-    G: Tensor, config: OrthoConfig, generator: torch.Generator | None = None
+    G: Tensor, config: OrthoConfig, generator: Generators = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Randomized SVD of the wide-oriented ``G``: (U_r, S_r, V_r^T) in float32, batched ``(B, ...)``."""
     if config.rank is None:
@@ -174,7 +194,7 @@ def rsvd_factors(
     return Q @ Ub[..., :r], S[..., :r], Vh[..., :r, :]
 
 
-def rsvd_orthogonalize(G: Tensor, config: OrthoConfig, generator: torch.Generator | None = None) -> Tensor:
+def rsvd_orthogonalize(G: Tensor, config: OrthoConfig, generator: Generators = None) -> Tensor:
     """U_r V_r^T from a randomized SVD; singular values that are numerically zero are dropped."""
     X, tall, squeeze = _as_wide_batch(G)
     U, S, Vh = rsvd_factors(_unit_frobenius(X), config, generator)

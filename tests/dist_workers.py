@@ -1,0 +1,140 @@
+"""Worker functions for the multi-process tests (spawned processes import them by module name).
+
+Each worker initializes a gloo group over a file rendezvous (no ports), runs the scenario, and writes
+what it found to ``<out>/rank<r>.pt`` so the test can compare ranks with a single-process reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from muonprof import ProfiledMuon
+
+LAYERS = {
+    "0.weight": {"method": "newton_schulz", "ns_steps": 5},
+    "2.weight": {"method": "rsvd", "rank": 8, "dtype": "float32"},
+    "4.weight": {"method": "lowrank", "rank": 8},
+    "6.weight": {"method": "svd"},
+    "8.weight": {"momentum_rank": 6},
+    "10.weight": {"momentum": "storm"},
+    "12.weight": {"momentum": "storm", "momentum_rank": 4},
+}
+
+
+def build_model(seed: int = 0) -> nn.Sequential:
+    """Hidden matrices of several shapes, tall and wide, plus a bias-carrying head for AdamW."""
+    torch.manual_seed(seed)
+    dims = [24, 40, 40, 32, 48, 40, 40, 24, 32, 32, 48, 40, 24, 32]
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b, bias=False), nn.Tanh()]
+    layers.append(nn.Linear(dims[-1], 5))
+    return nn.Sequential(*layers)
+
+
+def profile(layers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"format": "muonprof.profile/1", "layers": layers if layers is not None else LAYERS}
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 24, generator=g), torch.randn(16, 5, generator=g)
+
+
+def train(model: nn.Module, opt: ProfiledMuon, steps: int) -> list[float]:
+    losses = []
+    for step in range(steps):
+        x, y = batch(step)
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        losses.append(float(opt.step(closure)))
+    return losses
+
+
+def _init(rank: int, world: int, rendezvous: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+
+
+def ddp_equivalence(rank: int, world: int, rendezvous: str, out: str, steps: int, kwargs: dict[str, Any]) -> None:
+    """Train the same model on the same batches with the layer split under DDP and, in the same
+    process, without any distribution; save both final parameter sets and the optimizer's owners."""
+    _init(rank, world, rendezvous)
+    try:
+        reference = build_model()
+        plain = ProfiledMuon(reference, profile(), distributed=False, weight_decay=0.01, **kwargs)
+        ref_losses = train(reference, plain, steps)
+
+        model = build_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = ProfiledMuon(model, profile(), weight_decay=0.01, **kwargs)
+        losses = train(ddp, opt, steps)
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "reference": {n: p.detach().clone() for n, p in reference.named_parameters()},
+                "losses": losses,
+                "ref_losses": ref_losses,
+                "owners": dict(opt.owners),
+                "cost_source": opt.cost_source,
+                "state": copy.deepcopy(opt.state_dict()),
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def expect_error(rank: int, world: int, rendezvous: str, out: str, scenario: str) -> None:
+    """Run a scenario that must raise; record the error message (or that none came)."""
+    _init(rank, world, rendezvous)
+    try:
+        message = "no error"
+        try:
+            _scenarios[scenario](rank)
+        except Exception as err:
+            message = f"{type(err).__name__}: {err}"
+        except BaseException:
+            message = traceback.format_exc()
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as fh:
+            fh.write(message)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _disagreeing_profiles(rank: int) -> None:
+    layers = {"0.weight": {"ns_steps": 5 if rank == 0 else 4}}
+    ProfiledMuon(build_model(), profile(layers))
+
+
+def _disagreeing_lr(rank: int) -> None:
+    ProfiledMuon(build_model(), profile({}), lr=0.02 if rank == 0 else 0.03)
+
+
+def _storm_without_closure(rank: int) -> None:
+    model = build_model()
+    opt = ProfiledMuon(model, profile({"0.weight": {"momentum": "storm"}}))
+    x, y = batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+_scenarios = {
+    "disagreeing_profiles": _disagreeing_profiles,
+    "disagreeing_lr": _disagreeing_lr,
+    "storm_without_closure": _storm_without_closure,
+}

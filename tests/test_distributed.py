@@ -1,0 +1,59 @@
+"""ProfiledMuon under torch.distributed: 2 gloo processes on CPU (loopback, file rendezvous)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dist_workers
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+
+
+def spawn(fn: Any, tmp_path: Path, *args: Any, world: int = 2) -> None:
+    rendezvous = tmp_path / "rendezvous"
+    mp.spawn(fn, args=(world, str(rendezvous), str(tmp_path), *args), nprocs=world, join=True)
+
+
+def load(tmp_path: Path, rank: int) -> dict[str, Any]:
+    return torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"batch": True}], ids=["per-matrix", "batched"])
+def test_ddp_split_matches_single_process_bit_for_bit(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    spawn(dist_workers.ddp_equivalence, tmp_path, 4, kwargs)
+    ranks = [load(tmp_path, r) for r in range(2)]
+    for found in ranks:
+        assert found["losses"] == found["ref_losses"]
+        for name, value in found["params"].items():
+            assert torch.equal(value, found["reference"][name]), name
+    # Both ranks hold the same parameters and the same (replicated) optimizer state.
+    for name in ranks[0]["params"]:
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
+    owners = ranks[0]["owners"]
+    assert owners == ranks[1]["owners"]
+    assert set(owners.values()) == {0, 1}, "both ranks must own layers"
+    assert ranks[0]["cost_source"] == "flops"
+    s0, s1 = ranks[0]["state"]["state"], ranks[1]["state"]["state"]
+    for key in s0:
+        for k, v in s0[key].items():
+            assert torch.equal(v, s1[key][k]), (key, k)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("disagreeing_profiles", "ranks disagree on the profile"),
+        ("disagreeing_lr", "ranks disagree on the profile or the optimizer settings"),
+        ("storm_without_closure", "needs two gradients per step"),
+    ],
+)
+def test_bad_distributed_setups_fail_on_every_rank(tmp_path: Path, scenario: str, expected: str) -> None:
+    spawn(dist_workers.expect_error, tmp_path, scenario)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert expected in message, message
