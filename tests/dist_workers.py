@@ -98,6 +98,57 @@ def ddp_equivalence(rank: int, world: int, rendezvous: str, out: str, steps: int
         dist.destroy_process_group()
 
 
+FSDP_LAYERS = {
+    "0.weight": {"method": "newton_schulz"},
+    "2.weight": {"method": "rsvd", "rank": 6, "dtype": "float32"},
+    "4.weight": {"method": "svd"},
+    "6.weight": {"momentum": "storm"},
+}
+
+
+def build_fsdp_model(seed: int = 0) -> nn.Sequential:
+    """Odd row counts (33, 17) so that FSDP2's shards are uneven."""
+    torch.manual_seed(seed)
+    dims = [24, 33, 40, 17, 24]
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b, bias=False), nn.Tanh()]
+    layers.append(nn.Linear(dims[-1], 5))
+    return nn.Sequential(*layers)
+
+
+def fsdp_equivalence(rank: int, world: int, rendezvous: str, out: str, steps: int) -> None:
+    """FSDP2 (fully_shard per layer and at the root) against one process, same batches on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, world, rendezvous)
+    try:
+        reference = build_fsdp_model()
+        plain = ProfiledMuon(reference, profile(FSDP_LAYERS), distributed=False, weight_decay=0.01)
+        ref_losses = train(reference, plain, steps)
+
+        model = build_fsdp_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = ProfiledMuon(model, profile(FSDP_LAYERS), weight_decay=0.01)
+        losses = train(model, opt, steps)
+        full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        torch.save(
+            {
+                "params": full,
+                "reference": {n: p.detach().clone() for n, p in reference.named_parameters()},
+                "losses": losses,
+                "ref_losses": ref_losses,
+                "owners": dict(opt.owners),
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
 def expect_error(rank: int, world: int, rendezvous: str, out: str, scenario: str) -> None:
     """Run a scenario that must raise; record the error message (or that none came)."""
     _init(rank, world, rendezvous)
@@ -133,7 +184,34 @@ def _storm_without_closure(rank: int) -> None:
     opt.step()
 
 
+def _fsdp_low_rank_momentum(rank: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_fsdp_model()
+    fully_shard(model)
+    ProfiledMuon(model, profile({"2.weight": {"momentum_rank": 4}}))
+
+
+def _column_sharded(rank: int) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    weight = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+    ProfiledMuon([("tp.weight", weight)])
+
+
+def _partly_sharded(rank: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_fsdp_model()
+    fully_shard(model[0])
+    ProfiledMuon(model)
+
+
 _scenarios = {
+    "fsdp_low_rank_momentum": _fsdp_low_rank_momentum,
+    "column_sharded": _column_sharded,
+    "partly_sharded": _partly_sharded,
     "disagreeing_profiles": _disagreeing_profiles,
     "disagreeing_lr": _disagreeing_lr,
     "storm_without_closure": _storm_without_closure,

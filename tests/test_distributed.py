@@ -44,9 +44,23 @@ def test_ddp_split_matches_single_process_bit_for_bit(tmp_path: Path, kwargs: di
             assert torch.equal(v, s1[key][k]), (key, k)
 
 
+def test_fsdp2_rows_gathered_on_the_owner_match_single_process_bit_for_bit(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    spawn(dist_workers.fsdp_equivalence, tmp_path, 4)
+    ranks = [load(tmp_path, r) for r in range(2)]
+    for found in ranks:
+        assert found["losses"] == found["ref_losses"]
+        for name, value in found["params"].items():
+            assert torch.equal(value, found["reference"][name]), name
+    assert ranks[0]["owners"] == ranks[1]["owners"] and set(ranks[0]["owners"].values()) == {0, 1}
+
+
 @pytest.mark.parametrize(
     ("scenario", "expected"),
     [
+        ("fsdp_low_rank_momentum", "momentum_rank (low-rank momentum) with FSDP2 is not supported yet"),
+        ("column_sharded", "only FSDP2 row sharding (Shard(0)) is supported"),
+        ("partly_sharded", "apply fully_shard to the root module too"),
         ("disagreeing_profiles", "ranks disagree on the profile"),
         ("disagreeing_lr", "ranks disagree on the profile or the optimizer settings"),
         ("storm_without_closure", "needs two gradients per step"),

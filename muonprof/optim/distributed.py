@@ -58,6 +58,103 @@ def resolve_group(distributed: bool | None, process_group: Any) -> Any | None:
     return None
 
 
+def check_sharding(
+    named: Sequence[tuple[str, Tensor]],
+    plans: Mapping[str, LayerPlan],
+    distributed: bool | None,
+    process_group: Any,
+) -> Any | None:
+    """The FSDP2 mesh group when the parameters are FSDP2 DTensors (None for plain tensors); refuses every
+    sharding whose update this optimizer would get wrong, naming the layer and what to do instead."""
+    flat = [name for name, p in named if type(p).__name__ == "FlatParameter" or "_flat_param" in name]
+    if flat:
+        raise DistributedSetupError(
+            f"{flat[0]} is an FSDP1 FlatParameter: FullyShardedDataParallel flattens weight matrices into 1-D "
+            "buffers, so Muon cannot orthogonalize them. Use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP"
+        )
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch without DTensor: nothing can be sharded
+        return None
+    sharded = [(name, p) for name, p in named if isinstance(p, DTensor)]
+    if not sharded:
+        return None
+    if len(sharded) != len(named):
+        plain = [name for name, p in named if not isinstance(p, DTensor)]
+        raise DistributedSetupError(
+            f"{len(plain)} parameter(s) are plain tensors while others are FSDP2 DTensors (first: {plain[0]}); "
+            "apply fully_shard to the root module too, so that every parameter is sharded the same way"
+        )
+    if distributed is False:
+        raise DistributedSetupError(
+            "distributed=False cannot update FSDP2-sharded parameters: each rank holds only its rows of a "
+            "matrix, and Muon needs the whole matrix"
+        )
+    mesh = sharded[0][1].device_mesh
+    for name, p in sharded:
+        if p.device_mesh != mesh:
+            raise DistributedSetupError(f"{name} lives on another device mesh than {sharded[0][0]}")
+        if mesh.ndim != 1:
+            raise DistributedSetupError(
+                f"{name} is on a {mesh.ndim}-D device mesh (HSDP or tensor parallelism): only FSDP2 on a 1-D "
+                "mesh is supported yet"
+            )
+        if tuple(p.placements) != (Shard(0),):
+            raise DistributedSetupError(
+                f"{name} is sharded as {tuple(p.placements)}: only FSDP2 row sharding (Shard(0)) is supported "
+                "yet (tensor-parallel column sharding, replication or partial placements are not)"
+            )
+        plan = plans[name]
+        if plan.optimizer == "muon" and plan.momentum_rank is not None:
+            raise DistributedSetupError(
+                f"{name}: momentum_rank (low-rank momentum) with FSDP2 is not supported yet; "
+                "use it with DDP or one process, or drop momentum_rank for sharded runs"
+            )
+    group = mesh.get_group()
+    if process_group is not None and process_group != group:
+        raise DistributedSetupError("process_group= differs from the FSDP2 device mesh's group; pass neither")
+    return group
+
+
+def _chunk_rows(rows: int, world: int) -> int:
+    """Rows per rank in FSDP2's Shard(0) layout (torch.chunk: ceil(rows / world), the last ranks short)."""
+    return -(-rows // world)
+
+
+def gather_rows(local: Tensor | None, shape: tuple[int, int], owner: int, group: Any) -> Tensor | None:
+    """The whole (m, n) matrix on ``owner`` from every rank's rows (None elsewhere)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    m, n = shape
+    chunk = _chunk_rows(m, world)
+    assert local is not None
+    rows = local.reshape(local.shape[0], n)
+    padded = torch.zeros(chunk, n, dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]].copy_(rows)
+    pieces = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+    dist.gather(padded, pieces, dst=dist.get_global_rank(group, owner), group=group)
+    if pieces is None:
+        return None
+    return torch.cat(pieces)[:m]
+
+
+def scatter_rows(
+    full: Tensor | None, local: Tensor, shape: tuple[int, int], dtype: torch.dtype, owner: int, group: Any
+) -> Tensor:
+    """Every rank's rows of the (m, n) ``full`` held by ``owner``, shaped like this rank's ``local`` rows."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    m, n = shape
+    chunk = _chunk_rows(m, world)
+    pieces = None
+    if rank == owner:
+        assert full is not None
+        padded = torch.zeros(chunk * world, n, dtype=dtype, device=full.device)
+        padded[:m].copy_(full.reshape(m, n))
+        pieces = list(padded.split(chunk))
+    out = torch.empty(chunk, n, dtype=dtype, device=local.device)
+    dist.scatter(out, pieces, src=dist.get_global_rank(group, owner), group=group)
+    return out[: local.shape[0]].reshape(local.shape)
+
+
 def ortho_flops(shape: tuple[int, int], ortho: OrthoConfig | None, momentum_rank: int | None = None) -> float:
     """A device-independent cost of one layer's update, for balancing when nothing was measured."""
     m, n = shape

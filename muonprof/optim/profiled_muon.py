@@ -42,7 +42,8 @@ ProfileSource = Profile | str | os.PathLike[str] | dict[str, Any] | None
 class _Bucket:
     """Same-shape layers with the same recipe, on their way through one step."""
 
-    params: list[Tensor]
+    params: list[Tensor]  # the parameters (keys for state and plans)
+    tensors: list[Tensor]  # what is updated: the parameters, or their local rows under FSDP2
     states: list[dict[str, Any]]
     shape: tuple[int, int]
     device: torch.device
@@ -50,6 +51,7 @@ class _Bucket:
     momentum: str
     rank: int | None
     steps: list[int]
+    owners: list[bool]  # does this rank compute the layer's update
     ok: Tensor | None = None
     inputs: list[Any] = field(default_factory=list)
     before: list[Tensor] | None = None
@@ -162,13 +164,17 @@ class ProfiledMuon(torch.optim.Optimizer):
         self._owner_of: dict[int, int] = {}
         self.owners: dict[str, int] = {}
         self.cost_source: str | None = None
+        self._fsdp = False
+        mesh_group = dist_split.check_sharding(named, self.plans, distributed, process_group)
+        if mesh_group is not None:
+            self._group, self._fsdp = mesh_group, True
         if self._group is None:
             return
         import torch.distributed as dist
 
         self._rank, self._world = dist.get_rank(self._group), dist.get_world_size(self._group)
         dist_split.check_same_everywhere(dist_split.plans_digest(self.plans, hyper), self._group)
-        if self._world == 1:
+        if self._world == 1 and not self._fsdp:
             self._group = None
             return
         muon = [(name, p) for name, p in named if self.plans[name].optimizer == "muon"]
@@ -226,21 +232,21 @@ class ProfiledMuon(torch.optim.Optimizer):
         rng = _rng_state({p.device for p in self._storm})
         if earlier:
             for p in earlier:
-                _swap(p, self.state[p]["prev_param"])
+                _swap(_local(p), self.state[p]["prev_param"])
             try:
                 self.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     closure()
             finally:
                 for p in earlier:
-                    _swap(p, self.state[p]["prev_param"])
+                    _swap(_local(p), self.state[p]["prev_param"])
             for p in earlier:
                 if p.grad is None:
                     continue
                 st, plan = self.state[p], self._plan_of[id(p)]
-                g_prev = p.grad.reshape(plan.matrix_shape)
+                g_prev = _rows(_local(p.grad))
                 if plan.momentum_rank is None:
-                    previous = st["momentum_buffer"].reshape(plan.matrix_shape)
+                    previous = _rows(st["momentum_buffer"])
                 elif self._is_owner(p):
                     previous = expand(st["momentum_U"], st["momentum_S"], st["momentum_V"])
                 else:
@@ -278,7 +284,7 @@ class ProfiledMuon(torch.optim.Optimizer):
         results: dict[int, list[Tensor]] = {}
         for bucket in prepared:
             results.update(self._compute_owned(bucket))
-        if self._group is not None and prepared:
+        if self._group is not None and not self._fsdp and prepared:
             results = self._exchange(prepared, results)
         for bucket in prepared:
             self._apply(bucket, results, lr, wd, mu)
@@ -286,23 +292,25 @@ class ProfiledMuon(torch.optim.Optimizer):
     def _prepare_bucket(self, key: tuple[Any, ...], params: list[Tensor], group: dict[str, Any]) -> _Bucket:
         shape, _, device, ortho, momentum, rank = key
         mu = group["momentum"]
-        grads = [p.grad for p in params]
         states = [self.state[p] for p in params]
-        for p, st in zip(params, states):
+        owners = [self._is_owner(p) for p in params]
+        grads = [_local(p.grad) for p in params]
+        tensors = [_local(p) for p in params]  # FSDP2: this rank's rows; otherwise the parameters themselves
+        for t, st in zip(tensors, states):
             if "step" not in st:
                 st["step"] = torch.tensor(0.0)
                 if rank is None:
-                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
                 else:
                     m, n = shape
-                    st["momentum_U"] = torch.zeros(m, rank, dtype=p.dtype, device=p.device)
-                    st["momentum_S"] = torch.zeros(rank, dtype=p.dtype, device=p.device)
-                    st["momentum_V"] = torch.zeros(n, rank, dtype=p.dtype, device=p.device)
+                    st["momentum_U"] = torch.zeros(m, rank, dtype=t.dtype, device=t.device)
+                    st["momentum_S"] = torch.zeros(rank, dtype=t.dtype, device=t.device)
+                    st["momentum_V"] = torch.zeros(n, rank, dtype=t.dtype, device=t.device)
         steps = [int(st["step"]) + 1 for st in states]  # CPU tensors: no device sync
         for st in states:
             st["step"] += 1
-        bucket = _Bucket(params, states, shape, device, ortho, momentum, rank, steps)
-        ok = self._finite_mask(grads, device) if self.skip_nonfinite else None
+        bucket = _Bucket(params, tensors, states, shape, device, ortho, momentum, rank, steps, owners)
+        ok = self._layer_mask(grads, device)
         if momentum == "storm":
             ok = self._with_correction_finiteness(params, ok, device)
         bucket.ok = ok
@@ -312,6 +320,7 @@ class ProfiledMuon(torch.optim.Optimizer):
             # A bad gradient is replaced by zeros so that nothing below makes NaNs; the layer's update is
             # zeroed and its state kept (see _apply).
             grads = [torch.where(ok[i], g, torch.zeros_like(g)) for i, g in enumerate(grads)]
+        corrections = [self._corrections.get(id(p), (None, None))[0] for p in params]
 
         if rank is None and momentum == "ema":
             bufs = [st["momentum_buffer"] for st in states]
@@ -322,42 +331,47 @@ class ProfiledMuon(torch.optim.Optimizer):
             torch._foreach_lerp_(bufs, grads, 1 - mu)
             bucket.inputs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
         elif rank is None:  # storm, full buffer: M_t = g_t + mu (M_{t-1} - g~), replicated on every rank
-            news = []
-            for p, g in zip(params, grads):
-                correction = self._corrections.get(id(p), (None, None))[0]
-                new = g.clone() if correction is None else correction.view_as(g).add_(g)
-                news.append(new)
-            if ok is None:
-                for st, new in zip(states, news):
-                    st["momentum_buffer"].copy_(new)
-            else:
-                for i, (st, new) in enumerate(zip(states, news)):
-                    st["momentum_buffer"].copy_(torch.where(ok[i], new, st["momentum_buffer"]))
+            news = [g.clone() if c is None else c.view_as(g).add_(g) for g, c in zip(grads, corrections)]
+            for i, (st, new) in enumerate(zip(states, news)):
+                st["momentum_buffer"].copy_(new if ok is None else torch.where(ok[i], new, st["momentum_buffer"]))
             bucket.inputs = news
         else:  # low-rank momentum: only the owner rebuilds and recompresses it
             inputs: list[Tensor | None] = []
-            for p, g, st in zip(params, grads, states):
-                if not self._is_owner(p):
+            for g, st, owner, c in zip(grads, states, owners, corrections):
+                if not owner:
                     inputs.append(None)
-                    continue
-                g2 = g.reshape(shape).float()
-                if momentum == "storm":
-                    correction = self._corrections.get(id(p), (None, None))[0]
-                    inputs.append(g2.clone() if correction is None else correction.add_(g2))
+                elif momentum == "storm":
+                    g2 = g.reshape(shape).float()
+                    inputs.append(g2.clone() if c is None else c.add_(g2))
                 else:
                     previous = expand(st["momentum_U"], st["momentum_S"], st["momentum_V"])
-                    inputs.append(previous.lerp_(g2, 1 - mu))
+                    inputs.append(previous.lerp_(g.reshape(shape).float(), 1 - mu))
             bucket.inputs = inputs
         if momentum == "storm":
-            bucket.before = [p.detach().clone() for p in params]  # x_t, the next step's previous iterate
+            bucket.before = [t.detach().clone() for t in tensors]  # x_t, the next step's previous iterate
         return bucket
+
+    def _layer_mask(self, grads: list[Tensor], device: torch.device) -> Tensor | None:
+        """Which layers step (see ``_finite_mask``). Under FSDP2 each rank sees only its rows, so the
+        ranks agree on the mask with one all_reduce: a layer is skipped everywhere or nowhere."""
+        if not self.skip_nonfinite:
+            return None
+        if not self._fsdp:
+            return self._finite_mask(grads, device)
+        import torch.distributed as dist
+
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=float("inf"))).float()).to(torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self._group)
+        ok = ok.bool()
+        if device.type == "cpu" and bool(ok.all()):
+            return None
+        return ok
 
     def _with_correction_finiteness(
         self, params: list[Tensor], ok: Tensor | None, device: torch.device
     ) -> Tensor | None:
         """Fold the finiteness of g(x_{t-1}) into the layer mask: a NaN there also poisons M_t."""
-        flags = [self._corrections[id(p)][1] for p in params if id(p) in self._corrections]
-        if not flags or not self.skip_nonfinite:
+        if not self.skip_nonfinite or not any(id(p) in self._corrections for p in params):
             return ok
         prev_ok = torch.stack(
             [
@@ -365,53 +379,76 @@ class ProfiledMuon(torch.optim.Optimizer):
                 for p in params
             ]
         )
+        if self._fsdp:
+            import torch.distributed as dist
+
+            flags = prev_ok.to(torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self._group)
+            prev_ok = flags.bool()
         if device.type == "cpu" and bool(prev_ok.all()):
             return ok
         base = ok if ok is not None else torch.ones(len(params), dtype=torch.bool, device=device)
         return base & prev_ok
 
     def _compute_owned(self, bucket: _Bucket) -> dict[int, list[Tensor]]:
-        """The expensive part for the layers this rank owns: {param index: [O]} or {index: [U, S, V]}."""
-        mine = [i for i, p in enumerate(bucket.params) if self._is_owner(p)]
-        if not mine:
-            return {}
+        """The expensive part for the layers this rank owns: {param index: [O]} or {index: [U, S, V]}.
+        Under FSDP2 the owner first gathers the layer's rows and afterwards scatters each rank its rows
+        of the result, so the dict then holds every layer's local rows."""
+        inputs = bucket.inputs
+        if self._fsdp:
+            inputs = [
+                dist_split.gather_rows(x, bucket.shape, self._owner_of[id(p)], self._group)
+                for x, p in zip(inputs, bucket.params)
+            ]
+        mine = [i for i, owner in enumerate(bucket.owners) if owner]
         indices = [self._index_of[id(bucket.params[i])] for i in mine]
         generators = self._generators(bucket, mine, indices)
-        if bucket.rank is not None:
-            inputs = [bucket.inputs[i] for i in mine]
-            if len(inputs) == 1 or not self._batched(bucket.device):
+        results: dict[int, list[Tensor]] = {}
+        if mine and bucket.rank is not None:
+            owned = [inputs[i] for i in mine]
+            if len(owned) == 1 or not self._batched(bucket.device):
                 factors = [
                     compress(x, bucket.rank, generator=[g] if generators else None)
-                    for x, g in zip(inputs, generators or [None] * len(inputs))
+                    for x, g in zip(owned, generators or [None] * len(owned))
                 ]
             else:
-                U, S, V = compress(torch.stack(inputs), bucket.rank, generator=generators)
+                U, S, V = compress(torch.stack(owned), bucket.rank, generator=generators)
                 factors = list(zip(U.unbind(0), S.unbind(0), V.unbind(0)))
-            return {idx: list(f) for idx, f in zip(indices, factors)}
-        shape, ortho = bucket.shape, bucket.ortho
-        updates = [bucket.inputs[i].reshape(shape) for i in mine]
-        if len(updates) == 1 or not self._batched(bucket.device):
-            # CPU BLAS gains nothing from batching, and stacking/unstacking copies cost ~10% of a step
-            # there (measured, GPT-2 shapes): one matrix at a time, with torch.optim.Muon's own kernels.
-            gens = generators or [None] * len(updates)
-            outs = [orthogonalize(u, ortho, generator=g) for u, g in zip(updates, gens)]
-        else:
-            # Accelerators are launch-bound on small matrices: one batched call per bucket (2x+ on H100).
-            outs = list(orthogonalize(torch.stack(updates), ortho, generator=generators))
-        return {idx: [o] for idx, o in zip(indices, outs)}
+            results = {idx: list(f) for idx, f in zip(indices, factors)}
+        elif mine:
+            shape, ortho = bucket.shape, bucket.ortho
+            updates = [inputs[i].reshape(shape) for i in mine]
+            if len(updates) == 1 or not self._batched(bucket.device):
+                # CPU BLAS gains nothing from batching, and stacking/unstacking copies cost ~10% of a step
+                # there (measured, GPT-2 shapes): one matrix at a time, with torch.optim.Muon's own kernels.
+                gens = generators or [None] * len(updates)
+                outs = [orthogonalize(u, ortho, generator=g) for u, g in zip(updates, gens)]
+            else:
+                # Accelerators are launch-bound on small matrices: one batched call per bucket (2x+ on H100).
+                outs = list(orthogonalize(torch.stack(updates), ortho, generator=generators))
+            results = {idx: [o] for idx, o in zip(indices, outs)}
+        if self._fsdp:
+            for p, t in zip(bucket.params, bucket.tensors):
+                idx = self._index_of[id(p)]
+                full = results[idx][0] if idx in results else None
+                dtype = _output_dtype(bucket.ortho, t.dtype)
+                results[idx] = [
+                    dist_split.scatter_rows(full, t, bucket.shape, dtype, self._owner_of[id(p)], self._group)
+                ]
+        return results
 
     def _apply(self, bucket: _Bucket, results: dict[int, list[Tensor]], lr: float, wd: float, mu: float) -> None:
-        params, states, ok = bucket.params, bucket.states, bucket.ok
+        params, states, ok = bucket.tensors, bucket.states, bucket.ok
+        keys = [self._index_of[id(p)] for p in bucket.params]
         if bucket.rank is not None:
             outs = []
-            for i, (p, st) in enumerate(zip(params, states)):
-                new = results[self._index_of[id(p)]]
-                for name, value in zip(("momentum_U", "momentum_S", "momentum_V"), new):
-                    value = value.to(p.dtype)
+            for i, (t, st, key) in enumerate(zip(params, states, keys)):
+                for name, value in zip(("momentum_U", "momentum_S", "momentum_V"), results[key]):
+                    value = value.to(t.dtype)
                     st[name].copy_(value if ok is None else torch.where(ok[i], value, st[name]))
                 outs.append(polar_of_factors(st["momentum_U"], st["momentum_S"], st["momentum_V"]))
         else:
-            outs = [results[self._index_of[id(p)]][0] for p in params]
+            outs = [results[key][0] for key in keys]
         if ok is not None:
             # Zero the skipped layers' updates; multiplying by exactly 1.0 keeps the others bit-identical
             # to an unmasked step (and so to torch.optim.Muon). Each output is fresh: in place is safe.
@@ -431,7 +468,7 @@ class ProfiledMuon(torch.optim.Optimizer):
                 # Python scalars, not torch.tensor(..., device=...): building a device tensor from a
                 # host value would block the host on every step.
                 torch._foreach_mul_(params, list(torch.where(ok, 1 - lr * wd, 1.0).unbind(0)))
-        factors = [self._plan_of[id(p)].lr_factor for p in params]
+        factors = [self._plan_of[id(p)].lr_factor for p in bucket.params]
         for o, f in zip(outs, factors):
             if f != factors[0]:
                 o.mul_(f / factors[0])
@@ -444,20 +481,22 @@ class ProfiledMuon(torch.optim.Optimizer):
             return
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("ProfiledMuon does not support sparse gradients")
-        grads = [p.grad for p in params]
+        grads = [_local(p.grad) for p in params]
         states = [self.state[p] for p in params]
+        lr_scales = [self._plan_of[id(p)].lr_scale for p in params]
+        params = [_local(p) for p in params]  # FSDP2: AdamW is elementwise, so each rank updates its rows
         for p, st in zip(params, states):
             if "exp_avg" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        ok = self._finite_mask(grads, params[0].device) if self.skip_nonfinite else None
+        ok = self._layer_mask(grads, params[0].device)
         if ok is not None:
             self._count_nonfinite(states, ok)
         # Per-tensor (never per-element) loop with tensor-valued step counts and a 0/1 gate per layer,
         # so that a skipped layer's moments and step stay put and nothing here waits for the device.
         for i, (p, g, st) in enumerate(zip(params, grads, states)):
-            layer_lr = lr * self._plan_of[id(p)].lr_scale
+            layer_lr = lr * lr_scales[i]
             if ok is None:
                 gate: float | Tensor = 1.0
             else:
@@ -618,6 +657,17 @@ def _output_dtype(ortho: OrthoConfig | None, param_dtype: torch.dtype) -> torch.
     if ortho.method == "svd":
         return torch.float64 if param_dtype == torch.float64 else torch.float32
     return ortho.torch_dtype
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP2); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _rows(t: Tensor) -> Tensor:
+    """A parameter-shaped tensor as the matrix Muon sees (conv kernels flattened per output channel)."""
+    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
 
 
 def _all_finite(t: Tensor) -> Tensor:
