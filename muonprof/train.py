@@ -21,6 +21,21 @@ process's peak resident set size: on Linux the high-water mark ``VmHWM`` is rese
 not only the model and optimizer; elsewhere ``resource.getrusage().ru_maxrss``, the process-wide peak since
 it started, which never goes down (later runs in one process report at least the earlier runs' peak).
 ``TrainResult.peak_memory_kind`` says which one a number is.
+
+Optimizers that need a closure (``getattr(optimizer, "needs_closure", False)``, e.g. ProfiledMuon with a
+``momentum: "storm"`` layer, which takes two gradients per step) are stepped with ``optimizer.step(closure)``:
+the closure zeroes the grads, recomputes the loss on the step's batch (fetched once), calls ``backward()`` and
+returns the loss, with the CPU (and CUDA) RNG state restored to the same point on every call, so dropout
+draws the same masks. The recorded training loss is what ``step(closure)`` returns (torch's convention: the
+loss at the parameters before the update), or the last call's if it returns None; a NaN/Inf loss in any call
+stops the step before the update. ``grad_evals`` counts the forward/backward passes actually made (closure
+calls; one per step otherwise), cumulative per step like ``wall_s``, so losses can be compared per gradient
+evaluation as well as per step; ``optimizer_step_s`` then excludes the time spent inside the closure.
+
+Distributed data parallel: with ``sync=RankSync(...)`` every rank of the process group runs the same loop
+on its shard of each batch; the recorded training loss is the mean over the ranks (so every rank takes the
+same divergence decision), evaluation is split over the ranks (rank r takes val batches r, r+N, ...) and
+summed, and the time budget is judged on the slowest rank's clock. Times and memory are this rank's.
 """
 
 from __future__ import annotations
@@ -68,6 +83,7 @@ class TrainResult:
     state_bytes: int = 0
     diverged_at: int | None = None
     stop_reason: StopReason = "steps"
+    grad_evals: list[int] = field(default_factory=list)  # cumulative forward/backward passes after each step
 
     @property
     def steps_done(self) -> int:
@@ -77,6 +93,11 @@ class TrainResult:
     @property
     def total_wall_s(self) -> float:
         return self.wall_s[-1] if self.wall_s else 0.0
+
+    @property
+    def total_grad_evals(self) -> int:
+        """Forward/backward passes of the applied steps (2 per step after the first for a storm optimizer)."""
+        return self.grad_evals[-1] if self.grad_evals else 0
 
     @property
     def median_step_s(self) -> float | None:
@@ -109,6 +130,7 @@ class TrainResult:
             steps_done=self.steps_done,
             median_step_s=self.median_step_s,
             median_optimizer_step_s=self.median_optimizer_step_s,
+            total_grad_evals=self.total_grad_evals,
         )
         return data
 
@@ -121,6 +143,8 @@ class TrainResult:
         result = cls(**{k: v for k, v in data.items() if k in known})
         result.train_losses = [math.nan if v is None else float(v) for v in data.get("train_losses", [])]
         result.evals = [EvalPoint(int(e["step"]), float(e["wall_s"]), e["val_loss"]) for e in data.get("evals", [])]
+        # Files written before grad_evals existed: one forward/backward per step was the only way to step.
+        result.grad_evals = [int(v) for v in data.get("grad_evals", range(1, len(result.optimizer_step_s) + 1))]
         return result
 
 
@@ -146,23 +170,69 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return total
 
 
-def evaluate(workload: Workload, batches: list[Any] | None = None) -> float | None:
+class RankSync:
+    """Keeps ``train()`` in lockstep over the ranks of a ``torch.distributed`` process group.
+
+    ``group`` None is the default group. The reductions run on a float64 tensor on CUDA for NCCL and on
+    the CPU otherwise.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("RankSync needs an initialized torch.distributed process group")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+        nccl = self.backend == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """``values`` summed (``op="sum"``) or maxed (``"max"``) elementwise over the ranks."""
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
+        return [float(v) for v in t.tolist()]
+
+    def mean(self, value: float) -> float:
+        return self.reduce([value])[0] / self.world_size
+
+
+def evaluate(workload: Workload, batches: list[Any] | None = None, sync: RankSync | None = None) -> float | None:
     """Mean validation loss over ``batches`` (default ``workload.val_batches()``); None when there are none.
 
     Runs under ``no_grad`` with the model in eval mode and puts the model back in the mode it was in.
+    With ``sync`` every rank evaluates its share (batches rank, rank + N, ...) and the per-batch losses
+    are summed over the ranks: every rank gets the same mean, the mean over all batches.
     """
     batches = workload.val_batches() if batches is None else batches
     if not batches:
         return None
+    if sync is not None:
+        batches = batches[sync.rank :: sync.world_size]
     model = workload.model
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             losses = [workload.loss(b).detach().float() for b in batches]
-        return float(torch.stack(losses).mean())
     finally:
         model.train(was_training)
+    if sync is None:
+        return float(torch.stack(losses).mean())
+    total, count = sync.reduce([float(torch.stack(losses).sum()) if losses else 0.0, float(len(losses))])
+    return total / count if count else None
+
+
+class _NonFiniteLoss(Exception):
+    """Raised out of a closure to abandon the step before the optimizer applies a NaN/Inf gradient."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(value)
+        self.value = value
 
 
 def train(
@@ -175,6 +245,7 @@ def train(
     on_eval: Callable[[int, float | None], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    sync: RankSync | None = None,
 ) -> TrainResult:
     """Train ``workload.model`` with ``optimizer`` (anything with ``zero_grad()``, ``step()`` and ``state``).
 
@@ -182,7 +253,9 @@ def train(
     ``time_budget_s`` (so a budgeted run overshoots by at most one step), or at a NaN/Inf loss
     (``diverged_at``). Evaluates at step 0, every ``eval_every`` steps and after the last step.
     ``on_step(step, loss)`` is called after every step; ``on_eval(step, val_loss)`` after every evaluation
-    and may raise to stop the run (the exception propagates). ``clock`` is for tests.
+    and may raise to stop the run (the exception propagates). ``clock`` is for tests. An optimizer whose
+    ``needs_closure`` is true is stepped with a closure (see the module docstring). ``sync``: run as one
+    rank of a distributed data-parallel job (every rank must call ``train`` with the same arguments).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -192,14 +265,15 @@ def train(
         raise ValueError(f"time budget must be > 0 seconds, got {time_budget_s}")
     model = workload.model
     device = _device_of(model)
-    sync = _synchronizer(device)
+    sync_device = _synchronizer(device)
     result = TrainResult(steps_planned=steps)
     result.peak_memory_kind = _reset_peak_memory(device)
     val_batches = workload.val_batches()
+    use_closure = bool(getattr(optimizer, "needs_closure", False))
 
     def run_eval(step: int) -> None:
         t0 = time.perf_counter()  # eval time is bookkeeping only: the injected clock is for training time
-        loss = evaluate(workload, val_batches)
+        loss = evaluate(workload, val_batches, sync)
         result.eval_s += time.perf_counter() - t0
         if loss is not None and not math.isfinite(loss):
             result.diverged_at = step
@@ -208,36 +282,99 @@ def train(
         if on_eval is not None:
             on_eval(step, loss)
 
+    def loss_value(loss: Tensor) -> float:
+        value = float(loss.detach())  # the sync CUDA needs anyway before reading the clock
+        return value if sync is None else sync.mean(value)
+
+    def closure_step(batch: Any) -> tuple[float, float, int]:
+        """``optimizer.step(closure)``: (the step's loss, seconds inside the closure, closure calls)."""
+        rng = _rng_state(device)
+        calls = 0
+        inside = 0.0
+        last: float | None = None
+        last_loss: Tensor | None = None
+
+        def closure() -> Tensor:
+            nonlocal calls, inside, last, last_loss
+            sync_device()
+            c0 = clock()
+            _set_rng_state(device, rng)  # the same dropout masks on every call
+            with torch.enable_grad():
+                optimizer.zero_grad(set_to_none=True)
+                loss = workload.loss(batch)
+                loss.backward()
+            calls += 1
+            last, last_loss = loss_value(loss), loss
+            sync_device()
+            inside += clock() - c0
+            if not math.isfinite(last):
+                raise _NonFiniteLoss(last)
+            return loss
+
+        returned = optimizer.step(closure)
+        if returned is not None and returned is last_loss and last is not None:
+            value = last  # the last call's loss, read (and averaged over the ranks) already
+        elif isinstance(returned, Tensor) and returned.numel() == 1:
+            value = loss_value(returned)
+        elif isinstance(returned, (int, float)):
+            value = float(returned) if sync is None else sync.mean(float(returned))
+        elif last is not None:
+            value = last
+        else:
+            raise RuntimeError(f"{type(optimizer).__name__}.step(closure) never called the closure")
+        return value, inside, calls
+
     model.train()
     try:
         run_eval(0)
         step = 0
         while step < steps and result.diverged_at is None:
             step += 1
-            sync()
+            sync_device()
             t0 = clock()
-            optimizer.zero_grad(set_to_none=True)
-            loss = workload.loss(workload.train_batch(step - 1))
-            loss.backward()
-            value = float(loss.detach())  # the sync CUDA needs anyway before reading the clock
-            if not math.isfinite(value):
-                result.train_losses.append(value)
-                result.diverged_at = step
-                result.stop_reason = "diverged"
+            if use_closure:
+                batch = workload.train_batch(step - 1)
+                t1 = clock()
+                try:
+                    value, inside, calls = closure_step(batch)
+                except _NonFiniteLoss as bad:
+                    result.train_losses.append(bad.value)
+                    result.diverged_at = step
+                    result.stop_reason = "diverged"
+                    optimizer.zero_grad(set_to_none=True)
+                    break
+                sync_device()
+                t2 = clock()
+                optimizer_s = (t2 - t1) - inside
+            else:
                 optimizer.zero_grad(set_to_none=True)
-                break
-            sync()
-            t1 = clock()
-            optimizer.step()
-            sync()
-            t2 = clock()
+                loss = workload.loss(workload.train_batch(step - 1))
+                loss.backward()
+                value = loss_value(loss)
+                calls = 1
+                if not math.isfinite(value):
+                    result.train_losses.append(value)
+                    result.diverged_at = step
+                    result.stop_reason = "diverged"
+                    optimizer.zero_grad(set_to_none=True)
+                    break
+                sync_device()
+                t1 = clock()
+                optimizer.step()
+                sync_device()
+                t2 = clock()
+                optimizer_s = t2 - t1
             result.train_losses.append(value)
             result.step_s.append(t2 - t0)
-            result.optimizer_step_s.append(t2 - t1)
+            result.optimizer_step_s.append(optimizer_s)
             result.wall_s.append(result.total_wall_s + (t2 - t0))
+            result.grad_evals.append(result.total_grad_evals + calls)
             if on_step is not None:
                 on_step(step, value)
-            out_of_time = time_budget_s is not None and result.total_wall_s >= time_budget_s
+            spent = result.total_wall_s
+            if time_budget_s is not None and sync is not None:
+                spent = sync.reduce([spent], "max")[0]  # the slowest rank decides, so all stop together
+            out_of_time = time_budget_s is not None and spent >= time_budget_s
             if out_of_time and step < steps:
                 result.stop_reason = "time_budget"
             if step % eval_every == 0 or step == steps or out_of_time:
@@ -261,6 +398,17 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
@@ -315,4 +463,4 @@ def _peak_memory(device: torch.device, kind: str) -> int | None:
     return None
 
 
-__all__ = ["EvalPoint", "TrainResult", "evaluate", "optimizer_state_bytes", "train"]
+__all__ = ["EvalPoint", "RankSync", "TrainResult", "evaluate", "optimizer_state_bytes", "train"]

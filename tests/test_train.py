@@ -157,3 +157,105 @@ def test_round_trip_and_bad_arguments() -> None:
             train(w, ProfiledMuon(w.model), **kwargs)
     with pytest.raises(ValueError, match="time budget"):
         train(w, ProfiledMuon(w.model), steps=2, eval_every=1, time_budget_s=0)
+
+
+# ------------------------------------------------------------------------------------ closure optimizers
+
+
+class ClosureSGD(torch.optim.SGD):
+    """Needs a closure, as ProfiledMuon with a storm layer does: calls it ``calls(step)`` times per step and
+    keeps what every call saw (loss, gradients)."""
+
+    needs_closure = True
+
+    def __init__(self, params, calls=lambda step: 2) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(params, lr=0.1)
+        self.calls = calls
+        self.steps = 0
+        self.seen: list[list[tuple[float, list[torch.Tensor]]]] = []
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        assert closure is not None, "train() must pass a closure when needs_closure is true"
+        self.steps += 1
+        record = []
+        loss = None
+        for _ in range(self.calls(self.steps)):
+            with torch.no_grad():  # as torch.optim.Optimizer.step runs: the closure must enable grad itself
+                loss = closure()
+            grads = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+            record.append((float(loss.detach()), grads))
+        self.seen.append(record)
+        super().step()
+        return loss
+
+
+def dropout_workload() -> Workload:
+    w = mlp()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)
+    )
+    return dataclasses.replace(w, model=model)
+
+
+def test_closure_optimizer_gets_a_closure_that_replays_the_same_batch_and_dropout() -> None:
+    w = dropout_workload()
+    batches: list[int] = []
+    inner = w.train_batch
+    w = dataclasses.replace(w, train_batch=lambda step: (batches.append(step), inner(step))[1])
+    opt = ClosureSGD(w.model.parameters(), calls=lambda step: 1 if step == 1 else 2)  # storm's pattern
+    r = train(w, opt, steps=4, eval_every=2)
+    assert r.steps_done == 4 and batches == [0, 1, 2, 3]  # the batch is fetched once per step
+    assert [len(calls) for calls in opt.seen] == [1, 2, 2, 2]
+    assert r.grad_evals == [1, 3, 5, 7] and r.total_grad_evals == 7  # counted, not assumed
+    for calls in opt.seen[1:]:
+        (loss_a, grads_a), (loss_b, grads_b) = calls
+        assert loss_a == loss_b  # same batch, same dropout mask (RNG restored for each call)
+        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert r.train_losses == [calls[-1][0] for calls in opt.seen]  # what step(closure) returned
+    # Dropout really is on: without the RNG restore two forward passes would differ.
+    x, _ = w.train_batch(0)
+    w.model.train()
+    assert not torch.equal(w.model(x), w.model(x))
+    assert all(o <= s for o, s in zip(r.optimizer_step_s, r.step_s))
+    assert TrainResult.from_dict(json.loads(json.dumps(r.to_dict()))).grad_evals == [1, 3, 5, 7]
+
+
+def test_closure_matches_the_plain_loop_and_plain_counts_one_eval_per_step() -> None:
+    """A closure called once is the plain loop: same losses, same weights, one gradient evaluation a step."""
+    w1, w2 = dropout_workload(), dropout_workload()
+    torch.manual_seed(1)
+    plain = train(w1, torch.optim.SGD(w1.model.parameters(), lr=0.1), steps=3, eval_every=3)
+    torch.manual_seed(1)
+    closed = train(w2, ClosureSGD(w2.model.parameters(), calls=lambda step: 1), steps=3, eval_every=3)
+    assert plain.train_losses == closed.train_losses and plain.grad_evals == closed.grad_evals == [1, 2, 3]
+    assert all(torch.equal(a, b) for a, b in zip(w1.model.parameters(), w2.model.parameters()))
+    old = plain.to_dict()
+    del old["grad_evals"]  # a results file from before grad_evals: one evaluation per applied step
+    assert TrainResult.from_dict(old).grad_evals == [1, 2, 3]
+
+
+def test_nonfinite_loss_inside_the_closure_stops_before_the_update() -> None:
+    w = mlp()
+    opt = ClosureSGD(w.model.parameters())
+    first = next(w.model.parameters())
+
+    def poison(step: int, loss: float) -> None:
+        if step == 2:
+            with torch.no_grad():
+                first.fill_(float("nan"))
+
+    r = train(w, opt, steps=5, eval_every=5, on_step=poison)
+    assert r.diverged_at == 3 and r.steps_done == 2 and math.isnan(r.train_losses[-1])
+    assert opt.steps == 3 and len(opt.seen) == 2  # step 3 was abandoned inside its first closure call
+    assert r.grad_evals == [2, 4]
+
+
+def test_storm_profiled_muon_steps_through_train() -> None:
+    w = mlp()
+    opt = ProfiledMuon(w.model, {"format": "muonprof.profile/1", "defaults": {"momentum": "storm"}})
+    if not getattr(opt, "needs_closure", False):
+        pytest.skip("this ProfiledMuon has no storm momentum")
+    r = train(w, opt, steps=3, eval_every=3)
+    assert r.steps_done == 3 and r.diverged_at is None
+    assert r.grad_evals == [1, 3, 5]  # no previous iterate at step 1, two gradients from step 2 on

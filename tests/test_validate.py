@@ -374,3 +374,19 @@ def test_cli_ctrl_c_leaves_no_results_file(app: typer.Typer, tmp_path: Path, mon
     code, _, err = cli(app, "gpt2-tiny", *BASE, "--against", "default", "--out", str(out))
     assert code == 130 and "interrupted" in err
     assert out.read_text() == "old results\n" and list(tmp_path.iterdir()) == [out]
+
+
+def test_storm_profile_counts_gradient_evaluations(app: typer.Typer, tmp_path: Path) -> None:
+    """A storm-momentum profile is stepped with a closure (warm-up too) and its extra gradients are reported."""
+    storm = write_profile(tmp_path, {"format": "muonprof.profile/1", "defaults": {"momentum": "storm"}})
+    out = tmp_path / "r.json"
+    code, stdout, err = cli(app, "mlp", "--profile", str(storm), "--against", "default", "--batch-size", "4",
+                            "--steps", "3", "--eval-every", "3", "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    result = load_results(out)
+    assert result.contenders["profile"].runs[0].grad_evals == [1, 3, 5]
+    assert result.contenders["default"].runs[0].grad_evals == [1, 2, 3]
+    rows = result.summary["rows"]
+    assert rows["profile"]["total_grad_evals"] == 5 and rows["default"]["grad_evals_per_step"] == 1.0
+    assert "profile made 1.67 gradient evaluations per step" in " ".join(stdout.split())
+    assert result.meta["distributed"] == {"nproc": 1, "world_size": 1, "backend": None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,6 +59,14 @@ def validate_command(
     out: Annotated[Path | None, typer.Option("--out", help="Results JSON (default: MODEL.validate.json).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also write a PNG of the loss curves here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            help="Train data-parallel over N local processes (torchrun-style; gloo on CPU, one GPU per rank "
+            "with nccl); --batch-size is the global batch, split over the ranks.",
+        ),
+    ] = 1,
 ) -> None:
     """Race a profile against ProfiledMuon's defaults, torch.optim.Muon and AdamW on real training."""
     import torch
@@ -65,9 +74,11 @@ def validate_command(
     from .._files import OutputPathError, check_writable
     from ..data import DataError
     from ..device import DeviceError, resolve_device
+    from ..launch import LaunchError
     from ..models import ModelSpecError, parse_overrides
     from ..profile import ProfileError
     from ..validate import ContenderError, ProgressEvent, ValidationError, save_results, validate
+    from ..validate.distributed import check_distributed, validate_distributed
     from ..workload import WorkloadError
 
     out = out if out is not None else Path(f"{safe_name(model)}.validate.json")
@@ -78,7 +89,9 @@ def validate_command(
             check_writable(plot)
         torch_device = resolve_device(device)
         overrides = parse_overrides(set_ or [])
-    except (ModelSpecError, DeviceError, OutputPathError) as err:
+        if nproc != 1:
+            check_distributed(nproc, batch_size, torch_device)
+    except (ModelSpecError, DeviceError, OutputPathError, ValidationError) as err:
         fail(_one_line(err), 2)
 
     progress = training_progress(shown, as_json)
@@ -99,9 +112,10 @@ def validate_command(
             note = f"diverged at {r.diverged_at}" if r.diverged_at is not None else f"val {r.final_val_loss or 0:.4f}"
             progress.update(tasks[key], completed=event.total if r.stop_reason == "steps" else r.steps_done, loss=note)
 
+    run = validate if nproc == 1 else partial(validate_distributed, nproc=nproc)
     try:
         with progress:
-            result = validate(
+            result = run(
                 model,
                 profile=profile,
                 contenders=against,
@@ -125,6 +139,8 @@ def validate_command(
         fail(_one_line(err) + " (no results file written)", 2)
     except (ValueError, TypeError) as err:  # e.g. an lr ProfiledMuon refuses
         fail(_one_line(err) + " (no results file written)", 2)
+    except LaunchError as err:  # a worker of --nproc N failed: its one line (the others were stopped)
+        fail(err.message, err.code)
     except torch.OutOfMemoryError:
         fail(f"out of memory on {torch_device}: try a smaller --batch-size or --seq-len (no results file written)")
     except KeyboardInterrupt:
@@ -145,6 +161,23 @@ def validate_command(
 
     for verdict in result.summary["verdicts"].values():
         console.print(verdict_line(verdict))
+    for name, row in result.summary["rows"].items():
+        per_step = row.get("grad_evals_per_step")
+        if per_step is not None and per_step > 1.0 + 1e-9:
+            console.print(
+                f"[yellow]note:[/] {name} made {per_step:.2f} gradient evaluations per step "
+                f"({row['total_grad_evals']:g} in all): equal steps is not equal compute for it; the results "
+                "file has grad_evals per step to compare the curves per gradient evaluation"
+            )
+    distributed = result.meta.get("distributed") or {}
+    if distributed.get("world_size", 1) > 1:
+        share = distributed.get("per_rank_batch_size")
+        total = distributed.get("global_batch_size")
+        rows = "an equal share of each batch" if share is None else f"{share} of the {total} rows"
+        console.print(
+            f"data parallel over {distributed['world_size']} ranks ({distributed['backend']}), {rows} per rank; "
+            "times are rank 0's"
+        )
     load = result.meta.get("cpu_load_before")
     cores = os.cpu_count() or 1
     if torch_device.type == "cpu" and load and load[0] > 0.5:

@@ -580,7 +580,8 @@ class ProfiledMuon(torch.optim.Optimizer):
         }
 
     def describe(self) -> list[dict[str, Any]]:
-        """One row per parameter: optimizer, why, orthogonalizer and the resolved lr factor."""
+        """One row per parameter: optimizer, why, orthogonalizer, the resolved lr factor, the momentum form
+        and (under torch.distributed) the rank that computes the layer's update."""
         return [
             {
                 "name": plan.name,
@@ -590,6 +591,8 @@ class ProfiledMuon(torch.optim.Optimizer):
                 "ortho": plan.ortho.label() if plan.ortho else None,
                 "lr_rule": plan.lr_rule if plan.optimizer == "muon" else None,
                 "lr_factor": plan.lr_factor,
+                "momentum": plan.momentum_label if plan.optimizer == "muon" else None,
+                "owner_rank": self.owners.get(plan.name),
             }
             for plan in self.plans.values()
         ]

@@ -18,6 +18,7 @@ from .contenders import (
     build_contender,
     parse_contenders,
 )
+from .distributed import DistributedRun, check_distributed, validate_distributed
 from .results import (
     FORMAT,
     ContenderRuns,
@@ -40,6 +41,7 @@ __all__ = [
     "ContenderError",
     "ContenderRuns",
     "ContenderSkipped",
+    "DistributedRun",
     "OptimizerGroup",
     "ProgressEvent",
     "ResultsFormatError",
@@ -47,6 +49,7 @@ __all__ = [
     "ValidationResult",
     "adamw_lr_for",
     "build_contender",
+    "check_distributed",
     "default_eval_every",
     "equal_wall_clock",
     "load_results",
@@ -54,5 +57,6 @@ __all__ = [
     "save_results",
     "summarize",
     "validate",
+    "validate_distributed",
     "verdict_line",
 ]

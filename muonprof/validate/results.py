@@ -53,6 +53,10 @@ RULES = {
         "they tie; with one seed no tie is called (no noise estimate)"
     ),
     "diverged": "a contender that diverged in any seed has no value and cannot win",
+    "grad_evals": (
+        "forward/backward passes actually made (closure calls; a storm-momentum step makes 2); equal steps "
+        "is then not equal gradient evaluations: compare the curves against grad_evals too"
+    ),
 }
 
 
@@ -230,6 +234,8 @@ def summarize(contenders: Mapping[str, ContenderRuns], seeds: Sequence[int]) -> 
                 median_step_s=_median([r.median_step_s for r in results]),
                 median_optimizer_step_s=_median([r.median_optimizer_step_s for r in results]),
                 total_train_s=_median([r.total_wall_s for r in results]),
+                total_grad_evals=_median([r.total_grad_evals for r in results]),
+                grad_evals_per_step=_median([r.total_grad_evals / r.steps_done for r in results if r.steps_done]),
                 peak_memory_bytes=max((r.peak_memory_bytes or 0 for r in results), default=0) or None,
                 peak_memory_kind=results[0].peak_memory_kind,
                 state_bytes=max(r.state_bytes for r in results),

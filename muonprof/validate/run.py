@@ -17,16 +17,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._version import __version__
 from ..profile import fingerprint, load_profile
-from ..train import TrainResult, train
+from ..train import RankSync, TrainResult, train
 from ..workload import Workload, build_workload
 from .contenders import ContenderSkipped, build_contender, parse_contenders
 from .results import ContenderRuns, ValidationResult
+
+
+def single_process() -> dict[str, Any]:
+    """``meta["distributed"]`` of an ordinary (one-process) run."""
+    return {"nproc": 1, "world_size": 1, "backend": None}
+
+if TYPE_CHECKING:
+    from .distributed import DistributedRun
 
 DEFAULT_STEPS = 200
 
@@ -87,6 +95,7 @@ def validate(
     progress: Callable[[ProgressEvent], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     command: str | None = None,
+    distributed: DistributedRun | None = None,
 ) -> ValidationResult:
     """Train ``spec`` once per (seed, contender) and return the runs with their summary.
 
@@ -94,6 +103,8 @@ def validate(
     ``profile`` the ``profile`` contender runs first. ``seeds``: a count (from ``seed``) or a list.
     Raises ValidationError, ContenderError, ProfileError, ModelSpecError, DataError, WorkloadError (all
     before training, except a time budget shorter than the first step, raised after that step).
+    ``distributed``: run as one rank of ``validate --nproc N`` (see ``validate.distributed``); every rank
+    calls this with the same arguments.
     """
     if steps < 1:
         raise ValidationError(f"--steps must be at least 1, got {steps}")
@@ -113,7 +124,7 @@ def validate(
     # fails in a second, before any training; and warm each contender up with two untimed steps on a
     # throwaway model (one-time costs: allocator, kernel selection, lazy init), timing the second one to
     # refuse a time budget shorter than a step before the race starts.
-    first = build_workload(spec, seed=seed_values[0], **load)
+    first = _workload(spec, seed_values[0], load, distributed)
     initial = {k: v.clone() for k, v in first.model.state_dict().items()}
     runs: dict[str, ContenderRuns] = {}
     warm_step_s: dict[str, float] = {}
@@ -131,6 +142,8 @@ def validate(
             config["profile"] = _profile_label(profile)
         runs[name] = ContenderRuns(name, config)
         warm_step_s[name] = _warm_up(first, built.optimizer)
+    if distributed is not None and warm_step_s:  # every rank must take the same decision: the slowest's
+        warm_step_s = dict(zip(warm_step_s, distributed.sync.reduce(list(warm_step_s.values()), "max")))
     too_slow = {n: t for n, t in warm_step_s.items() if time_budget_s is not None and t >= time_budget_s}
     if too_slow:
         name, t = max(too_slow.items(), key=lambda kv: kv[1])
@@ -141,6 +154,7 @@ def validate(
     meta = _meta(spec, first, profile, loaded_profile, device, names, seed_values, steps, time_budget_s, every, command)
     meta["options"] = {k: v for k, v in options.items() if v is not None}
     meta["warmup_step_s"] = warm_step_s
+    meta["distributed"] = single_process() if distributed is None else distributed.describe(first.batch_size)
     del first, initial
 
     for s in seed_values:
@@ -148,26 +162,53 @@ def validate(
             entry = runs[name]
             if entry.skipped is not None:
                 continue
-            workload = build_workload(spec, seed=s, **load)
+            workload = _workload(spec, s, load, distributed)
             built = build_contender(name, workload.model, profile=loaded_profile, seed=s, **options)
-            entry.runs[s] = _run_one(workload, built.optimizer, name, s, steps, every, time_budget_s, progress, clock)
+            sync = None if distributed is None else distributed.sync
+            entry.runs[s] = _run_one(
+                workload, built.optimizer, name, s, steps, every, time_budget_s, progress, clock, sync
+            )
     meta["cpu_load_after"] = _load_average()
     result = ValidationResult(meta, seed_values, runs)
     result.summarize()
     return result
 
 
+def _workload(spec: str, seed: int, load: dict[str, Any], distributed: DistributedRun | None) -> Workload:
+    workload = build_workload(spec, seed=seed, **load)
+    return workload if distributed is None else distributed.wrap(workload)
+
+
 def _warm_up(workload: Workload, optimizer: Any, steps: int = 2) -> float:
-    """Run ``steps`` untimed training steps; return the wall time of the last one (device-synchronized)."""
+    """Run ``steps`` untimed training steps; return the wall time of the last one (device-synchronized).
+
+    An optimizer that ``needs_closure`` is stepped with one, as ``train()`` does (its second step is then
+    the two-gradient step a storm optimizer takes from its second step on).
+    """
     sync = torch.cuda.synchronize if next(workload.model.parameters()).is_cuda else (lambda: None)
+    use_closure = bool(getattr(optimizer, "needs_closure", False))
     elapsed = 0.0
     workload.model.train()
     for k in range(steps):
         sync()
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        workload.loss(workload.train_batch(k)).backward()
-        optimizer.step()
+        batch = workload.train_batch(k)
+        if use_closure:
+            rng = torch.get_rng_state()
+
+            def closure(batch: Any = batch, rng: torch.Tensor = rng) -> torch.Tensor:
+                torch.set_rng_state(rng)
+                with torch.enable_grad():
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = workload.loss(batch)
+                    loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            workload.loss(batch).backward()
+            optimizer.step()
         sync()
         elapsed = time.perf_counter() - t0
     optimizer.zero_grad(set_to_none=True)
@@ -184,6 +225,7 @@ def _run_one(
     time_budget_s: float | None,
     progress: Callable[[ProgressEvent], None] | None,
     clock: Callable[[], float],
+    sync: RankSync | None = None,
 ) -> TrainResult:
     if progress is not None:
         progress(ProgressEvent("start", name, seed, total=steps))
@@ -200,6 +242,8 @@ def _run_one(
         if step == 1 and time_budget_s is not None and steps > 1:
             # Every clock read so far was during step 1 (train() times evaluation with its own timer).
             elapsed = last_clock[-1] - last_clock[0]
+            if sync is not None:  # the slowest rank's, so that every rank refuses or none does
+                elapsed = sync.reduce([elapsed], "max")[0]
             if elapsed >= time_budget_s:
                 raise ValidationError(
                     f"--time-budget {time_budget_s:g} s is shorter than one training step "
@@ -221,6 +265,7 @@ def _run_one(
         on_step=on_step,
         on_eval=on_eval,
         clock=timed_clock,
+        sync=sync,
     )
     if progress is not None:
         progress(ProgressEvent("done", name, seed, step=result.steps_done, total=steps, result=result))
