@@ -41,9 +41,9 @@ def grad_at(W: Tensor, step: int) -> Tensor:
     return W.grad
 
 
-def storm_run(W0: Tensor, steps: int, layer: dict, ortho: OrthoConfig | None = None) -> tuple[Tensor, int]:
+def storm_run(W0: Tensor, steps: int, layer: dict, weight_decay: float = 0.0) -> tuple[Tensor, int]:
     W = nn.Parameter(W0.clone())
-    opt = ProfiledMuon([("w", W)], prof({"w": layer}), lr=LR, momentum=MU)
+    opt = ProfiledMuon([("w", W)], prof({"w": layer}), lr=LR, momentum=MU, weight_decay=weight_decay)
     calls = 0
     for step in range(steps):
 
@@ -87,6 +87,17 @@ def test_storm_with_newton_schulz_follows_the_same_recursion() -> None:
     torch.testing.assert_close(got, x, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_low_rank_storm_rebuilds_the_previous_iterate_from_its_factors(weight_decay: float) -> None:
+    """At full rank the factors hold M exactly and U V^T = polar(M), so low-rank storm must follow the
+    full-rank storm recursion although it keeps no copy of the previous parameters."""
+    W0 = torch.randn(12, 10, generator=torch.Generator().manual_seed(5)) * 0.3
+    full, _ = storm_run(W0, 5, {"momentum": "storm", "method": "svd"}, weight_decay)
+    light, calls = storm_run(W0, 5, {"momentum": "storm", "momentum_rank": 10}, weight_decay)
+    assert calls == 9
+    torch.testing.assert_close(light, full, rtol=0, atol=2e-5)
+
+
 def test_storm_replays_the_rng_so_dropout_masks_match() -> None:
     W = nn.Parameter(torch.randn(8, 6))
     opt = ProfiledMuon([("w", W)], prof({"w": {"momentum": "storm"}}))
@@ -122,6 +133,19 @@ def test_only_storm_layers_keep_previous_parameters_and_gradients_end_at_x_t() -
     opt.step(closure)
     assert "prev_param" in opt.state[model[0].weight]
     assert "prev_param" not in opt.state[model[2].weight]
+    w = nn.Parameter(torch.randn(8, 6))
+    light = ProfiledMuon([("w", w)], prof({"w": {"momentum": "storm", "momentum_rank": 2}}))
+
+    def fill() -> None:
+        w.grad = torch.randn(8, 6)
+
+    for _ in range(3):
+        light.step(fill)
+    assert set(light.state[w]) == {"step", "momentum_U", "momentum_S", "momentum_V"} | {
+        "storm_lr_step",
+        "storm_decay",
+        "storm_moved",
+    }
     # .grad is the gradient at the current iterate (before this step's update), as after any step(closure).
     before = copy.deepcopy(model)
     opt.step(closure)

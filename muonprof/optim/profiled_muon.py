@@ -228,18 +228,24 @@ class ProfiledMuon(torch.optim.Optimizer):
     def _storm_evaluations(self, closure: Callable[[], Any]) -> Any:
         """Both closure calls of a storm step; leaves mu (M_{t-1} - g(x_{t-1}; xi_t)) per storm layer."""
         mu_of = {id(p): g["momentum"] for g in self.param_groups if g["use_muon"] for p in g["params"]}
-        earlier = [p for p in self._storm if "prev_param" in self.state[p]]
+        earlier = [p for p in self._storm if "prev_param" in self.state[p] or "storm_lr_step" in self.state[p]]
         rng = _rng_state({p.device for p in self._storm})
         if earlier:
-            for p in earlier:
-                _swap(_local(p), self.state[p]["prev_param"])
+            # x_{t-1} for every storm layer: stored (full-rank momentum) or rebuilt from the low-rank
+            # factors, which are exactly the ones whose U V^T made the last update. The swap buffers hold
+            # x_t meanwhile, so x_t comes back bit for bit.
+            held = [self.state[p].get("prev_param") for p in earlier]
+            held = [h if h is not None else self._rebuild_previous(p) for p, h in zip(earlier, held)]
+            for p, h in zip(earlier, held):
+                _swap(_local(p), h)
             try:
                 self.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     closure()
             finally:
-                for p in earlier:
-                    _swap(_local(p), self.state[p]["prev_param"])
+                for p, h in zip(earlier, held):
+                    _swap(_local(p), h)
+            del held
             for p in earlier:
                 if p.grad is None:
                     continue
@@ -259,6 +265,20 @@ class ProfiledMuon(torch.optim.Optimizer):
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             return closure()
+
+    def _rebuild_previous(self, p: Tensor) -> Tensor:
+        """x_{t-1} of a low-rank storm layer from x_t = decay x_{t-1} - lr_step U V^T (a transient).
+
+        LiMuon's light variant: only the factors persist, not a copy of the layer. Exact up to float
+        rounding (the gradient at x_{t-1} is taken a few ulps away from the true iterate); a layer that
+        did not move last step (non-finite skip) is its own previous iterate.
+        """
+        st = self.state[p]
+        x = _local(p).detach()
+        direction = polar_of_factors(st["momentum_U"], st["momentum_S"], st["momentum_V"]).view_as(x)
+        decay = st["storm_decay"] if st["storm_decay"] > 0 else 1.0
+        previous = ((x.float() + st["storm_lr_step"] * direction) / decay).to(x.dtype)
+        return torch.where(st["storm_moved"] > 0, previous, x)
 
     def _buckets(self, group: dict[str, Any]) -> dict[tuple[Any, ...], list[Tensor]]:
         """Parameters with a gradient, grouped so that each group is one batched update computation."""
@@ -347,7 +367,7 @@ class ProfiledMuon(torch.optim.Optimizer):
                     previous = expand(st["momentum_U"], st["momentum_S"], st["momentum_V"])
                     inputs.append(previous.lerp_(g.reshape(shape).float(), 1 - mu))
             bucket.inputs = inputs
-        if momentum == "storm":
+        if momentum == "storm" and rank is None:
             bucket.before = [t.detach().clone() for t in tensors]  # x_t, the next step's previous iterate
         return bucket
 
@@ -469,6 +489,14 @@ class ProfiledMuon(torch.optim.Optimizer):
                 # host value would block the host on every step.
                 torch._foreach_mul_(params, list(torch.where(ok, 1 - lr * wd, 1.0).unbind(0)))
         factors = [self._plan_of[id(p)].lr_factor for p in bucket.params]
+        if bucket.momentum == "storm" and bucket.rank is not None:
+            # What _rebuild_previous needs to undo this step: two floats and a 0/1 flag per layer.
+            # The flag is a 0/1 scalar of the parameter's dtype: load_state_dict casts state to that dtype.
+            for i, (st, f, t) in enumerate(zip(states, factors, params)):
+                st["storm_lr_step"] = lr * f
+                st["storm_decay"] = 1 - lr * wd if wd != 0 else 1.0
+                moved = ok[i] if ok is not None else torch.ones((), dtype=torch.bool, device=t.device)
+                st["storm_moved"] = moved.to(t.dtype)
         for o, f in zip(outs, factors):
             if f != factors[0]:
                 o.mul_(f / factors[0])

@@ -8,7 +8,8 @@ Per Muon layer of matrix shape (m, n) and element size e:
 
 - ``ema`` (torch.optim.Muon): one m x n momentum buffer: ``m n e``.
 - ``momentum_rank = r``: factors U (m x r), S (r), V (n x r): ``(m + n + 1) r e``.
-- ``storm``: adds the previous parameters (the same numel as the layer) for the second gradient.
+- ``storm``: adds the previous parameters (the same numel as the layer) for the second gradient; with
+  ``momentum_rank`` the previous iterate is rebuilt from the factors instead, for a one-element flag.
 - every layer: a float32 step counter (4 bytes).
 
 AdamW layers: ``exp_avg`` and ``exp_avg_sq`` (2 x numel x e) and a float32 step (4 bytes).
@@ -45,9 +46,12 @@ def muon_state_bytes(
     """Bytes one Muon layer keeps between steps (momentum, STORM's previous parameters, step counter)."""
     element = torch.empty((), dtype=dtype).element_size()
     numel = momentum_numel(shape, momentum_rank)
-    if momentum == "storm":
+    extra = 0
+    if momentum == "storm" and momentum_rank is None:
         numel += math.prod(shape)
-    return numel * element + STEP_COUNTER_BYTES
+    elif momentum == "storm":
+        extra = element  # the "did the layer move" flag
+    return numel * element + STEP_COUNTER_BYTES + extra
 
 
 def adamw_state_bytes(shape: Sequence[int], *, dtype: torch.dtype = torch.float32) -> int:
