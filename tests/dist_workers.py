@@ -75,9 +75,13 @@ def ddp_equivalence(rank: int, world: int, rendezvous: str, out: str, steps: int
     _init(rank, world, rendezvous)
     try:
         reference = build_model()
-        plain = ProfiledMuon(reference, profile(), distributed=False, weight_decay=0.01, **kwargs)
+        batch_kwargs = {k: v for k, v in kwargs.items() if k == "batch"}
+        plain = ProfiledMuon(reference, profile(), distributed=False, weight_decay=0.01, **batch_kwargs)
         ref_losses = train(reference, plain, steps)
 
+        kwargs = dict(kwargs)
+        if kwargs.pop("own_group", False):
+            kwargs["process_group"] = dist.new_group(ranks=list(range(world)))
         model = build_model()
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = ProfiledMuon(model, profile(), weight_decay=0.01, **kwargs)

@@ -11,6 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from muonprof import ProfiledMuon
+from muonprof.optim.distributed import DistributedSetupError, assign_owners, layer_costs
+
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 
 
@@ -23,7 +26,9 @@ def load(tmp_path: Path, rank: int) -> dict[str, Any]:
     return torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"batch": True}], ids=["per-matrix", "batched"])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"batch": True}, {"own_group": True}], ids=["per-matrix", "batched", "process_group="]
+)
 def test_ddp_split_matches_single_process_bit_for_bit(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     spawn(dist_workers.ddp_equivalence, tmp_path, 4, kwargs)
     ranks = [load(tmp_path, r) for r in range(2)]
@@ -71,3 +76,33 @@ def test_bad_distributed_setups_fail_on_every_rank(tmp_path: Path, scenario: str
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert expected in message, message
+
+
+def test_owners_balance_cost_not_count() -> None:
+    # One expensive layer and six cheap ones: by count each rank would get 3-4 layers; by cost the
+    # expensive one stands alone.
+    owners = assign_owners([60.0, 10, 10, 10, 10, 10, 10], 2)
+    assert owners[0] != owners[1] and len(set(owners[1:])) == 1
+    loads = [sum(c for c, o in zip([60.0, 10, 10, 10, 10, 10, 10], owners) if o == r) for r in (0, 1)]
+    assert loads == [60.0, 60.0]
+    assert assign_owners([1.0, 1.0, 1.0], 4) == [0, 1, 2]
+
+
+def test_layer_costs_come_from_the_profile_only_when_every_layer_was_measured() -> None:
+    model = dist_workers.build_model()
+    names = [n for n, p in model.named_parameters() if p.ndim == 2][:-1]
+    measured = {n: {"measured": {"time_ms": float(i + 1)}} for i, n in enumerate(names)}
+    opt = ProfiledMuon(model, dist_workers.profile(measured), distributed=False)
+    plans = [opt.plans[n] for n in names]
+    costs, source = layer_costs(plans, opt.profile)
+    assert source == "profile" and costs == [float(i + 1) for i in range(len(names))]
+    del measured[names[0]]
+    opt = ProfiledMuon(model, dist_workers.profile(measured), distributed=False)
+    costs, source = layer_costs([opt.plans[n] for n in names], opt.profile)
+    assert source == "flops" and all(c > 0 for c in costs)
+
+
+def test_distributed_true_without_a_process_group_is_a_clear_error() -> None:
+    with pytest.raises(DistributedSetupError, match="init_process_group first"):
+        ProfiledMuon(dist_workers.build_model(), distributed=True)
+    assert ProfiledMuon(dist_workers.build_model()).owners == {}
