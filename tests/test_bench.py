@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from muonprof.bench import (
     BASELINE,
     BenchError,
+    CostRecord,
     GridError,
     GridSpec,
     Point,
@@ -33,12 +34,14 @@ from muonprof.bench import (
 )
 from muonprof.bench import cost as cost_module
 from muonprof.bench.accuracy import NEEDS_MATRICES, model_check
-from muonprof.bench.candidates import check_ranks, fits
+from muonprof.bench.candidates import MomentumRank, check_ranks, fits
 from muonprof.bench.pareto import fastest_reaching, layer_points, model_summary
 from muonprof.capture import LayerRecord, Spectra, capture_spectra, save_spectra
 from muonprof.commands.bench import register
 from muonprof.device import DeviceRates
 from muonprof.device.probe import Timer
+from muonprof.optim.lowrank_momentum import compress, polar_of_factors
+from muonprof.optim.state_memory import muon_state_bytes
 from muonprof.ortho import OrthoConfig, orthogonalize
 from muonprof.ortho.quality import alignment, matrix_with_spectrum, rel_err
 from muonprof.workload import Workload
@@ -151,6 +154,18 @@ def test_ranks_are_checked_against_the_layers() -> None:
     assert kept.ranks == (8, 20)
 
 
+def test_momentum_rank_family_in_the_grid() -> None:
+    labels = [candidate_label(c) for c in build_candidates(GridSpec())]
+    assert {"momentum_rank-r16", "momentum_rank-r256"} <= set(labels)  # in the default grid
+    grid = parse_grid(methods="momentum_rank", ranks="4,20")
+    cands = build_candidates(grid)
+    assert [candidate_label(c) for c in cands] == ["ns5-jordan-bf16", "momentum_rank-r4", "momentum_rank-r20"]
+    assert cands[1].to_dict() == {"method": "momentum_rank", "momentum_rank": 4}
+    assert not fits(MomentumRank(16), (24, 16)) and fits(MomentumRank(15), (24, 16))  # below min(m, n)
+    with pytest.raises(GridError, match="--ranks: 64 not below min"):
+        check_ranks(parse_grid(methods="momentum_rank", ranks="8,64"), [(24, 16), (32, 32)])
+
+
 # ------------------------------------------------------------------------------------------------ cost
 
 
@@ -219,6 +234,34 @@ def test_out_of_memory_skips_the_candidate_and_goes_on(monkeypatch: pytest.Monke
     assert all(r.timing is not None and r.skipped is None for r in records if r.config.method == "newton_schulz")
 
 
+def test_momentum_rank_is_timed_as_its_whole_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    real = cost_module.momentum_rank_step
+
+    def spy(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, G: torch.Tensor, rank: int, **kw: object) -> object:
+        calls.append((*U.shape, *S.shape, *V.shape, *G.shape, rank))
+        return real(U, S, V, G, rank, **kw)
+
+    monkeypatch.setattr(cost_module, "momentum_rank_step", spy)
+    records = measure_costs({(12, 20): 2}, [BASELINE, MomentumRank(4)], CPU, max_repeats=2, target_s=0.0)
+    low = next(r for r in records if isinstance(r.config, MomentumRank))
+    assert low.timing is not None and low.batch == 1 and low.peak_memory_bytes > 0
+    assert calls and set(calls) == {(12, 4, 4, 20, 4, 12, 20, 4)}
+    # The direction of one step is U V^T of the recompressed momentum: orthonormal rank-4.
+    U, S, V = compress(torch.randn(12, 20), 4)
+    O = real(U, S, V, torch.randn(12, 20), 4)
+    assert torch.linalg.svdvals(O)[:4] == pytest.approx(torch.ones(4), abs=1e-4)
+    assert CostRecord.from_json(low.to_json()).config == MomentumRank(4)
+
+
+def test_state_bytes_follow_the_formula() -> None:
+    records = measure_costs({(24, 16): 2}, [BASELINE, MomentumRank(4)], CPU, max_repeats=1, target_s=0.0)
+    by_label = {r.label: r for r in records}
+    assert by_label["ns5-jordan-bf16"].state_bytes == 24 * 16 * 4 + 4
+    assert by_label["momentum_rank-r4"].state_bytes == (24 + 16 + 1) * 4 * 4 + 4
+    assert by_label["momentum_rank-r4"].to_json()["state_bytes"] == muon_state_bytes((24, 16), momentum_rank=4)
+
+
 def test_emulated_bf16_is_skipped_unless_asked_for() -> None:
     sp = tiny_spectra()
     slow_bf16 = DeviceRates(peak_tflops={"bf16": 0.001, "fp32": 0.2})
@@ -282,6 +325,27 @@ def test_simulation_on_square_diag_matches_a_direct_run(config: OrthoConfig) -> 
         assert sim["sv_max"] == pytest.approx(float(top.max()), abs=2e-3)
     several = simulate_accuracy(s, config, seeds=3)
     assert several["alignment_worst"] <= several["alignment"] <= 1.0 and several["source"] == "simulated (3 seeds)"
+
+
+def test_momentum_rank_accuracy_grows_with_rank_and_is_exact_on_low_rank_spectra() -> None:
+    s = spectrum(32, 0.8)
+    table = layer_accuracy(s, [MomentumRank(r) for r in (2, 4, 8, 16)], seeds=3)
+    aligns = [table[f"momentum_rank-r{r}"]["alignment"] for r in (2, 4, 8, 16)]
+    errs = [table[f"momentum_rank-r{r}"]["rel_err"] for r in (2, 4, 8, 16)]
+    assert aligns == sorted(aligns) and aligns[-1] > 0.95 and errs == sorted(errs, reverse=True)
+    assert table["momentum_rank-r4"]["source"] == "simulated (3 seeds)"
+    assert table["momentum_rank-r4"]["alignment_worst"] <= table["momentum_rank-r4"]["alignment"]
+    low = torch.tensor([1.0, 0.6, 0.3, 0.1] + [0.0] * 28)  # rank 4 <= r: the exact polar factor
+    for r in (4, 8):
+        got = simulate_accuracy(low, MomentumRank(r), seeds=2)
+        assert got["alignment_worst"] > 1 - 1e-4 and got["rel_err_worst"] < 1e-4
+    # The simulation on diag(s) is what the real matrix with that spectrum gives (rotation invariance).
+    G = matrix_with_spectrum(s.double(), 40, 32, generator=torch.Generator().manual_seed(2)).float()
+    direct = [
+        float(alignment(polar_of_factors(*compress(G, 8, generator=torch.Generator().manual_seed(i))), G))
+        for i in range(8)
+    ]
+    assert sum(direct) / 8 == pytest.approx(table["momentum_rank-r8"]["alignment"], abs=0.03)
 
 
 def test_columns_need_the_real_matrix() -> None:
@@ -380,10 +444,32 @@ def test_run_bench_and_artifact_round_trip(tmp_path: Path) -> None:
     assert result.meta["spectra"]["fingerprint"] == "abc" and result.meta["memory_source"].startswith("estimate")
     assert result.meta["telemetry"]["samples"] >= 2
 
+    # Optimizer state: per cost record, per front point, and the model summary (3 Muon layers, fp32).
+    assert costs[((24, 16), "ns5-jordan-bf16")].state_bytes == 24 * 16 * 4 + 4
+    assert costs[((32, 32), "momentum_rank-r16")].state_bytes == (32 + 32 + 1) * 16 * 4 + 4
+    assert all("state_bytes" in p for pts in result.fronts["layers"].values() for p in pts)
+    default = 2 * (24 * 16 * 4 + 4) + 32 * 32 * 4 + 4
+    assert result.summary["default_state_bytes"] == default
+    assert result.summary["min_state_bytes"] == 2 * ((24 + 16 + 1) * 4 * 4 + 4) + (32 + 32 + 1) * 4 * 4 + 4
+    assert result.fronts["roles_state"]["attn_out"][0]["label"] == "momentum_rank-r4"
+
     path = save_bench(result, tmp_path / "x.bench.json")
     back = load_bench(path)
     assert back.to_json() == json.loads(result.dumps())
     assert back.summary == result.summary and back.costs[0].config == result.costs[0].config
+
+    # A file from before state_bytes existed: the numbers are derived from the shapes on load.
+    old = json.loads(path.read_text())
+    for c in old["costs"]:
+        del c["state_bytes"]
+    for key in ("default_state_bytes", "tuned_state_bytes", "min_state_bytes"):
+        del old["summary"][key]
+    old["fronts"] = {k: v for k, v in old["fronts"].items() if k != "roles_state"}
+    for pts in old["fronts"]["layers"].values():
+        for p in pts:
+            del p["state_bytes"]
+    (tmp_path / "old.bench.json").write_text(json.dumps(old))
+    assert load_bench(tmp_path / "old.bench.json").to_json() == back.to_json()
 
     all_layers = run_bench(sp, device=CPU, grid=parse_grid(methods="svd"), seeds=1, probe=False, all_layers=True)
     assert len(all_layers.layers) == 4
@@ -457,6 +543,9 @@ def test_cli_json_and_plot(spectra_file: Path, tmp_path: Path) -> None:
     assert table.exit_code == 0, table.output
     assert "Pareto-optimal" in table.stdout and "ns5-jordan-bf16 (default)" in table.stdout.replace("\n", " ")
     assert "per step: default ns5-jordan-bf16" in table.stdout
+    flat = " ".join(table.stdout.split())
+    assert "Muon optimizer state" in flat and "no momentum_rank benched" in flat
+    assert "KiB" in flat  # the state column, in human units
 
 
 def test_cli_default_out_is_next_to_the_spectra(

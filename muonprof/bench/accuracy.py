@@ -4,13 +4,19 @@ Three sources, cheapest first (DESIGN.md, "Two facts that make tuning cheap"):
 
 - ``spectral-model``: Newton-Schulz and SVD act on singular values alone, so ``spectral.predict`` on
   the captured momentum spectrum is exact (in exact arithmetic) and takes microseconds.
-- ``simulated (N seeds)``: Gaussian-sketch range finders (lowrank power, rsvd) are rotation invariant,
+- ``simulated (N seeds)``: Gaussian-sketch range finders (lowrank power, rsvd, and the randomized SVD
+  that compresses a low-rank momentum, ``momentum_rank``) are rotation invariant,
   so running the real orthogonalizer on diag(s) gives the same error distribution as on the full
   matrix; N sketch seeds give a mean and a worst case.
 - ``real matrix``: column selection is not rotation invariant (on diag(s) it would pick zero columns);
   it is measured only on the momentum matrix saved with ``--save-matrices``.
 
 ``model_check`` measures what the scalar model misses: bf16 round-off in real Newton-Schulz runs.
+
+For ``momentum_rank`` the measured update is ``polar_of_factors(*compress(M, r))``: one compression of the
+captured momentum, compared with the exact polar factor of that (full) momentum. It does not model what
+the low-rank momentum loses over many steps (the discarded tail is gone for good each step), so it is
+the optimistic, single-step figure; ``muonprof validate`` measures the real run.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..optim.lowrank_momentum import compress, polar_of_factors
 from ..ortho import OrthoConfig, orthogonalize, predict
 from ..ortho.exact import numerical_rank_mask
 from ..ortho.quality import matrix_with_spectrum
 from ..ortho.spectral import nonzero_mask
-from .candidates import candidate_label
+from .candidates import Candidate, MomentumRank, candidate_label
 
 SPECTRAL = "spectral-model"
 REAL = "real matrix"
@@ -61,8 +68,10 @@ def simulated(seeds: int) -> str:
     return f"simulated ({seeds} seeds)"
 
 
-def source_for(config: OrthoConfig) -> str:
+def source_for(config: Candidate) -> str:
     """Which of the three sources measures ``config`` (``simulated`` without its seed count)."""
+    if isinstance(config, MomentumRank):
+        return "simulated"
     if config.method in ("newton_schulz", "svd"):
         return SPECTRAL
     if config.method == "lowrank" and config.range_finder == "columns":
@@ -116,8 +125,13 @@ def _summarize(runs: Sequence[dict[str, float]], source: str) -> dict[str, Any]:
     return out
 
 
+def momentum_rank_update(G: Tensor, rank: int, generator: torch.Generator | None = None) -> Tensor:
+    """The update a rank-``rank`` low-rank momentum ``G`` gives: U V^T of its randomized-SVD factors."""
+    return polar_of_factors(*compress(G, rank, generator=generator))
+
+
 def simulate_accuracy(
-    s: Tensor, config: OrthoConfig, *, seeds: int = 3, device: torch.device | str = "cpu"
+    s: Tensor, config: Candidate, *, seeds: int = 3, device: torch.device | str = "cpu"
 ) -> dict[str, Any]:
     """Run the real (randomized) ``config`` on diag(s), a k x k matrix (k = len(s)), with ``seeds`` sketches.
 
@@ -128,6 +142,9 @@ def simulate_accuracy(
     meet the zero columns only ever multiply zeros), so the k x k diag(s) gives the same result, seed
     for seed (torch draws the first k rows of an n x w sketch from the same generator state), at k/l of
     the cost. The polar factor of diag(s) is the diagonal 0/1 mask, so no SVD of G is needed either.
+    A ``MomentumRank`` candidate runs ``polar_of_factors(*compress(diag(s), r))`` the same way (its
+    compression is the same float32 Gaussian-sketch randomized SVD, normalized by a rotation-invariant
+    Frobenius norm).
     """
     device = torch.device(device)
     x = torch.sort(torch.as_tensor(s, dtype=torch.float64).clamp(min=0), descending=True).values
@@ -142,7 +159,10 @@ def simulate_accuracy(
     sketch = torch.Generator(device=device).manual_seed(12345)
     runs = []
     for seed in range(seeds):
-        O = orthogonalize(G, config, generator=gen.manual_seed(seed)).float()
+        if isinstance(config, MomentumRank):
+            O = momentum_rank_update(G, config.rank, generator=gen.manual_seed(seed))
+        else:
+            O = orthogonalize(G, config, generator=gen.manual_seed(seed)).float()
         inner = float(torch.sum(torch.diagonal(O) * xf, dtype=torch.float64))
         err = float(torch.linalg.matrix_norm(O - P))
         sv = output_singular_values(O, rank, sketch).cpu()
@@ -187,7 +207,7 @@ def real_matrix_accuracy(
 @flush_denormals()
 def layer_accuracy(
     s: Tensor,
-    candidates: Sequence[OrthoConfig],
+    candidates: Sequence[Candidate],
     *,
     seeds: int = 3,
     device: torch.device | str = "cpu",
@@ -206,6 +226,7 @@ def layer_accuracy(
         label = candidate_label(config)
         source = source_for(config)
         if source == SPECTRAL:
+            assert isinstance(config, OrthoConfig)
             key = config.replace(dtype="float32").to_json()
             if key not in model_cache:
                 model_cache[key] = spectral_accuracy(s, config)

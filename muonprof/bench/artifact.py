@@ -43,6 +43,13 @@ class BenchResult:
                 out.setdefault(c.shape, {})[c.label] = c.per_layer_s
         return out
 
+    def per_layer_state(self) -> dict[tuple[int, int], dict[str, int]]:
+        """(m, n) -> label -> Muon optimizer-state bytes of one layer under that candidate (float32)."""
+        out: dict[tuple[int, int], dict[str, int]] = {}
+        for c in self.costs:
+            out.setdefault(c.shape, {})[c.label] = c.state_bytes
+        return out
+
     def cost(self, shape: tuple[int, int], label: str) -> CostRecord | None:
         for c in self.costs:
             if c.shape == tuple(shape) and c.label == label:
@@ -73,7 +80,7 @@ class BenchResult:
                 f"{source}: format {data['format']!r} is not {FORMAT!r}; re-run `muonprof bench` with this version"
             )
         try:
-            return cls(
+            result = cls(
                 meta=dict(data["meta"]),
                 layers=[dict(layer) for layer in data["layers"]],
                 costs=[CostRecord.from_json(c) for c in data["costs"]],
@@ -82,6 +89,13 @@ class BenchResult:
                 fronts=dict(data.get("fronts") or {}),
                 summary=dict(data.get("summary") or {}),
             )
+            if result.layers and "default_state_bytes" not in result.summary:
+                # Written before bench reported optimizer state: derive it (from shapes) like a new file's.
+                from .pareto import TARGET_ALIGNMENT
+                from .run import derive
+
+                derive(result, float(result.summary.get("target_alignment") or TARGET_ALIGNMENT))
+            return result
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise BenchError(f"{source}: corrupt bench file ({type(err).__name__}: {err})") from None
 

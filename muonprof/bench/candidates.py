@@ -4,8 +4,16 @@ The default grid covers DESIGN.md's family at a size that takes minutes, not hou
 GPT-2-small: Newton-Schulz steps 1-8 x schedules x {bf16, fp32} (cheap, because NS cost is shared
 across schedules and its accuracy comes from the spectral model), the exact SVD, and the low-rank
 family (power range finder with 0-2 power iterations, column selection, randomized SVD) at a handful
-of ranks. Flags narrow it; the torch default (Jordan x 5, bf16) is always in, as the baseline every
-speed-up is measured against.
+of ranks, and LiMuon's low-rank momentum (``momentum_rank``) at the same ranks. Flags narrow it; the
+torch default (Jordan x 5, bf16) is always in, as the baseline every speed-up is measured against.
+
+``momentum_rank`` is not an orthogonalizer but a different optimizer state: the momentum is kept as
+rank-r randomized-SVD factors and the update is U V^T straight from them (``optim.lowrank_momentum``).
+It replaces Newton-Schulz entirely, so bench treats it as one more candidate (a ``MomentumRank``, not an
+``OrthoConfig``) whose cost is the per-step expand + lerp + compress + direction and whose optimizer state
+is (m + n + 1) r numbers instead of m n. It costs about as much to bench as ``rsvd`` at the same ranks
+(one timing per shape and rank, one simulated accuracy per layer, rank and seed), so it is in the default
+grid.
 """
 
 from __future__ import annotations
@@ -14,10 +22,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
+from ..optim.state_memory import muon_state_bytes
 from ..ortho import METHODS, SCHEDULES, OrthoConfig
 from ..ortho.config import DTYPE_ALIASES, DTYPES
 
 BASELINE = OrthoConfig()  # torch.optim.Muon's default: 5 Jordan steps in bf16
+MOMENTUM_RANK = "momentum_rank"  # the low-rank-momentum family's name in --methods
+GRID_METHODS: tuple[str, ...] = (*METHODS, MOMENTUM_RANK)
+RANKED_METHODS = frozenset({"lowrank", "rsvd", MOMENTUM_RANK})
 DEFAULT_STEPS: tuple[int, ...] = tuple(range(1, 9))
 DEFAULT_SCHEDULES: tuple[str, ...] = ("jordan", "polar_express", "quintic", "cubic", "you")
 DEFAULT_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
@@ -34,10 +48,65 @@ class GridError(ValueError):
 
 
 @dataclass(frozen=True)
+class MomentumRank:
+    """A low-rank-momentum candidate (LiMuon): the momentum kept as rank-``rank`` factors U, S, V.
+
+    Duck-types the parts of ``OrthoConfig`` bench and tune read (``method``, ``rank``, ``dtype``, ``label``,
+    ``to_dict``/``to_json``); everything is computed in float32 (``lowrank_momentum.compression_config``).
+    The profile spells it ``{"momentum_rank": rank}`` and no orthogonalizer keys.
+    """
+
+    rank: int
+    method: str = MOMENTUM_RANK
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"momentum_rank: must be a positive integer, got {self.rank!r}")
+        if self.method != MOMENTUM_RANK or self.dtype != "float32":
+            raise ValueError("MomentumRank: method and dtype are fixed")
+
+    def label(self) -> str:
+        return f"{MOMENTUM_RANK}-r{self.rank}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": MOMENTUM_RANK, "momentum_rank": self.rank}
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+Candidate = OrthoConfig | MomentumRank
+
+
+def candidate_from_dict(data: dict[str, Any]) -> Candidate:
+    """A candidate from its ``to_dict`` form (a bench file's ``config``)."""
+    if data.get("method") == MOMENTUM_RANK:
+        return MomentumRank(int(data["momentum_rank"]))
+    return OrthoConfig.from_dict(data)
+
+
+def momentum_rank_of(config: Any) -> int | None:
+    """The momentum rank of a candidate (None: the full momentum buffer)."""
+    return config.rank if isinstance(config, MomentumRank) else None
+
+
+def state_bytes(shape: Sequence[int], config: Any, dtype: torch.dtype = torch.float32) -> int:
+    """Muon optimizer state one layer of ``shape`` holds under ``config`` (``optim.state_memory``).
+
+    Every orthogonalizer keeps the full m x n momentum buffer; a ``MomentumRank`` keeps its factors. Both
+    add the float32 step counter. ``dtype`` is the parameter's (bench does not know it: float32).
+    """
+    return muon_state_bytes(tuple(shape), momentum_rank=momentum_rank_of(config), dtype=dtype)
+
+
+@dataclass(frozen=True)
 class GridSpec:
     """What to bench; ``explicit`` names the axes the user set (they are not silently trimmed)."""
 
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = GRID_METHODS
     steps: tuple[int, ...] = DEFAULT_STEPS
     schedules: tuple[str, ...] = DEFAULT_SCHEDULES
     dtypes: tuple[str, ...] = DEFAULT_DTYPES
@@ -97,10 +166,11 @@ def parse_grid(
     spec: dict[str, Any] = {}
     if methods is not None:
         names = _split(methods)
-        unknown = [m for m in names if m not in METHODS]
+        unknown = [m for m in names if m not in GRID_METHODS]
         if unknown or not names:
-            raise GridError(f"--methods: unknown method {', '.join(unknown) or '(none)'} (known: {', '.join(METHODS)})")
-        spec["methods"] = tuple(m for m in METHODS if m in names)
+            known = ", ".join(GRID_METHODS)
+            raise GridError(f"--methods: unknown method {', '.join(unknown) or '(none)'} (known: {known})")
+        spec["methods"] = tuple(m for m in GRID_METHODS if m in names)
         explicit.add("methods")
     if ranks is not None:
         spec["ranks"] = _ints("--ranks", ranks)
@@ -131,7 +201,7 @@ def parse_grid(
     return GridSpec(**spec, explicit=frozenset(explicit))
 
 
-def candidate_label(config: OrthoConfig) -> str:
+def candidate_label(config: Candidate) -> str:
     """``config.label()``, plus the dtype for rsvd (whose label omits it, but bench runs it in both)."""
     label = config.label()
     if config.method == "rsvd":
@@ -143,9 +213,9 @@ def _config(**settings: Any) -> OrthoConfig:
     return OrthoConfig(**settings)
 
 
-def build_candidates(grid: GridSpec) -> list[OrthoConfig]:
+def build_candidates(grid: GridSpec) -> list[Candidate]:
     """Every configuration of ``grid`` (shape-independent), the baseline first, without duplicates."""
-    out: list[OrthoConfig] = [BASELINE]
+    out: list[Candidate] = [BASELINE]
     if "newton_schulz" in grid.methods:
         for dtype in grid.dtypes:
             for schedule in grid.schedules:
@@ -161,12 +231,14 @@ def build_candidates(grid: GridSpec) -> list[OrthoConfig]:
                 out.append(_config(method="lowrank", rank=rank, **columns, **core))
             if "rsvd" in grid.methods:
                 out.append(_config(method="rsvd", rank=rank, power_iters=1, dtype=dtype))
+    if MOMENTUM_RANK in grid.methods:  # float32 whatever the dtype axis says (see lowrank_momentum)
+        out += [MomentumRank(rank) for rank in grid.ranks]
     return list(dict.fromkeys(out))
 
 
-def fits(config: OrthoConfig, shape: Sequence[int]) -> bool:
+def fits(config: Candidate, shape: Sequence[int]) -> bool:
     """Whether ``config`` makes sense on an m x n matrix: a rank must be below min(m, n) (else it is full)."""
-    if config.method in ("lowrank", "rsvd") and config.rank is not None:
+    if config.method in RANKED_METHODS and config.rank is not None:
         return config.rank < min(shape[-2], shape[-1])
     return True
 
@@ -177,7 +249,7 @@ def check_ranks(grid: GridSpec, shapes: Iterable[Sequence[int]]) -> tuple[GridSp
     Returns the narrowed grid and notes (one per default rank dropped). Ranks that fit some layers but
     not others are kept and skipped per layer (``fits``).
     """
-    if not {"lowrank", "rsvd"} & set(grid.methods):
+    if not RANKED_METHODS & set(grid.methods):
         return grid, []
     shorts = [min(s[-2], s[-1]) for s in shapes]
     largest = max(shorts, default=0)

@@ -11,6 +11,13 @@ which steps are cubic (a cubic step skips one of the three products): every sche
 (shape, steps, dtype, cubic pattern) shares one timing. That is what keeps a CPU bench of 5 schedules
 x 8 steps x 2 dtypes at 32 timings per shape instead of 80. (Polar Express also scales the input by a
 constant, one elementwise pass: noise next to the matmuls.)
+
+A ``momentum_rank`` candidate (LiMuon's low-rank momentum) replaces the orthogonalization by what
+ProfiledMuon does for such a layer each step: rebuild the momentum U diag(S) V^T, fold the gradient in
+(lerp, mu = 0.95), compress it back (randomized SVD, ``lowrank_momentum.compress``) and take the direction
+U V^T from the new factors (``momentum_rank_step``). That includes one m x n lerp the full-buffer
+candidates are not charged for (theirs is the same for all of them, and not timed): the comparison errs
+against the low-rank momentum by one elementwise pass.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ from typing import Any
 import torch
 
 from ..device.probe import Timer, default_timer
-from ..ortho import OrthoConfig, orthogonalize, resolve_schedule
-from .candidates import BASELINE, candidate_label, fits
+from ..optim.lowrank_momentum import MOMENTUM_OVERSAMPLE, compress, expand, polar_of_factors
+from ..ortho import orthogonalize, resolve_schedule
+from .candidates import BASELINE, Candidate, MomentumRank, candidate_from_dict, candidate_label, fits, state_bytes
+
+TIMING_MOMENTUM = 0.95  # mu of the timed low-rank momentum step (the value does not change the cost)
 
 Progress = Callable[[str, int, int], None]  # (description, done, total)
 
@@ -90,7 +100,22 @@ def time_op(
     )
 
 
-def cost_key(config: OrthoConfig) -> str:
+def momentum_rank_step(
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    G: torch.Tensor,
+    rank: int,
+    *,
+    mu: float = TIMING_MOMENTUM,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One low-rank-momentum step as ProfiledMuon runs it: expand, lerp with ``G``, compress, direction."""
+    M = expand(U, S, V).lerp_(G.float(), 1 - mu)
+    return polar_of_factors(*compress(M, rank, generator=generator))
+
+
+def cost_key(config: Candidate) -> str:
     """What the timing of ``config`` depends on: for Newton-Schulz, steps, dtype and the cubic steps only."""
     if config.method == "newton_schulz":
         rows = resolve_schedule(config.coefficients).coefficients(config.ns_steps)
@@ -99,7 +124,7 @@ def cost_key(config: OrthoConfig) -> str:
     return config.to_json()
 
 
-def workspace_bytes(m: int, n: int, config: OrthoConfig, batch: int = 1) -> int:
+def workspace_bytes(m: int, n: int, config: Candidate, batch: int = 1) -> int:
     """Estimated extra memory of one call: the live tensors at the algorithm's busiest point.
 
     With k = min(m, n), l = max(m, n), e = bytes of the compute dtype, sketch width w = rank + oversample:
@@ -107,10 +132,16 @@ def workspace_bytes(m: int, n: int, config: OrthoConfig, batch: int = 1) -> int:
     SVD (float32) holds U, S, Vh, the product and about one copy as LAPACK workspace: 4(3kl + 2k^2);
     low-rank holds the unit-norm input and its cast, the sketch and its products, the core and its
     Newton-Schulz workspace, and the lifted result: 4(kl + 2lw + 3kw) + e(2kl + 3rl + 2r^2).
+    A low-rank momentum step (float32) holds the rebuilt momentum, its unit-norm copy, the sketch and its
+    products, the new factors and the direction: 4(3kl + 2lw + 3kw + (m + n + 1) r).
     """
     k, long = min(m, n), max(m, n)
     e = 2 if config.dtype == "bfloat16" else 4
-    if config.method == "newton_schulz":
+    if isinstance(config, MomentumRank):
+        r = config.rank
+        w = min(r + MOMENTUM_OVERSAMPLE, k)
+        elems = 4 * (3 * k * long + 2 * long * w + 3 * k * w + (m + n + 1) * r)
+    elif config.method == "newton_schulz":
         elems = e * (3 * k * long + 2 * k * k)
     elif config.method == "svd":
         elems = 4 * (3 * k * long + 2 * k * k)
@@ -127,7 +158,7 @@ class CostRecord:
 
     shape: tuple[int, int]
     label: str
-    config: OrthoConfig
+    config: Candidate
     count: int  # benched layers of this shape
     batch: int  # matrices per timed call: 1 on CPU, ``count`` on accelerators
     timing: Timing | None = None
@@ -147,6 +178,14 @@ class CostRecord:
         per = self.per_layer_s
         return per * self.count if per is not None else None
 
+    @property
+    def state_bytes(self) -> int:
+        """Muon optimizer state one layer of this shape holds under this candidate (float32 parameters).
+
+        Derived from shape and candidate alone (``optim.state_memory``), so a bench file written before
+        this field existed gets the same number on load."""
+        return state_bytes(self.shape, self.config)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "shape": list(self.shape),
@@ -158,6 +197,7 @@ class CostRecord:
             "spread": self.timing.spread if self.timing is not None else None,
             "per_layer_s": self.per_layer_s,
             "bucket_s": self.bucket_s,
+            "state_bytes": self.state_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
             "memory_source": self.memory_source,
             "skipped": self.skipped,
@@ -170,7 +210,7 @@ class CostRecord:
         return cls(
             shape=(int(data["shape"][0]), int(data["shape"][1])),
             label=str(data["label"]),
-            config=OrthoConfig.from_dict(data["config"]),
+            config=candidate_from_dict(data["config"]),
             count=int(data["count"]),
             batch=int(data["batch"]),
             timing=Timing(**t) if t is not None else None,
@@ -188,7 +228,7 @@ def _one_line(err: BaseException) -> str:
 
 def measure_costs(
     shapes: dict[tuple[int, int], int],
-    candidates: Sequence[OrthoConfig],
+    candidates: Sequence[Candidate],
     device: torch.device,
     *,
     timer: Timer | None = None,
@@ -236,11 +276,8 @@ def measure_costs(
             full = (batch, *shape) if batched else shape
             inputs[shape] = torch.randn(full, device=device, dtype=torch.float32)
         G = inputs[shape]
-
-        def op(G: torch.Tensor = G, config: OrthoConfig = config) -> torch.Tensor:
-            return orthogonalize(G, config, generator=gen.manual_seed(0))
-
         try:
+            op = _operation(G, config, gen)
             measured = _timed_with_memory(op, timer, device, shape, config, batch, timing)
             record.timing, record.peak_memory_bytes = measured
         except torch.OutOfMemoryError as err:
@@ -251,12 +288,21 @@ def measure_costs(
     return records
 
 
+def _operation(G: torch.Tensor, config: Candidate, gen: torch.Generator) -> Callable[[], torch.Tensor]:
+    """What one timed call runs for ``config`` on the input ``G`` (one matrix or a same-shape batch)."""
+    if isinstance(config, MomentumRank):
+        # The factors the step starts from: a compressed random momentum (set up once, not timed).
+        factors = compress(G, config.rank, generator=gen.manual_seed(1))
+        return lambda: momentum_rank_step(*factors, G, config.rank, generator=gen.manual_seed(0))
+    return lambda: orthogonalize(G, config, generator=gen.manual_seed(0))
+
+
 def _timed_with_memory(
     op: Callable[[], Any],
     timer: Timer,
     device: torch.device,
     shape: tuple[int, int],
-    config: OrthoConfig,
+    config: Candidate,
     batch: int,
     timing: dict[str, Any],
 ) -> tuple[Timing, int]:

@@ -9,6 +9,7 @@ bad draw too, not only on average.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,8 +56,14 @@ def _usable(measures: Mapping[str, Any] | None) -> bool:
     return bool(measures) and "alignment" in measures  # type: ignore[operator]
 
 
-def layer_points(accuracy: Mapping[str, Mapping[str, Any]], costs: Mapping[str, float]) -> list[Point]:
-    """One layer's points: candidates with both a time (label -> per-layer seconds) and measures."""
+def layer_points(
+    accuracy: Mapping[str, Mapping[str, Any]],
+    costs: Mapping[str, float],
+    state: Mapping[str, int] | None = None,
+) -> list[Point]:
+    """One layer's points: candidates with both a time (label -> per-layer seconds) and measures.
+
+    ``state`` (label -> the layer's Muon optimizer-state bytes under that candidate) goes to ``extra``."""
     points = []
     for label, m in accuracy.items():
         if label in costs and _usable(m):
@@ -67,6 +74,8 @@ def layer_points(accuracy: Mapping[str, Mapping[str, Any]], costs: Mapping[str, 
                 "sv_max": m["sv_max"],
                 "source": m["source"],
             }
+            if state is not None and label in state:
+                extra["state_bytes"] = int(state[label])
             points.append(Point(label, costs[label], m.get("alignment_worst", m["alignment"]), extra))
     return points
 
@@ -75,7 +84,8 @@ def role_points(per_layer: Sequence[Sequence[Point]]) -> list[Point]:
     """A role's points: candidates usable on *every* layer of the role, applied to all of them.
 
     Time is the sum over the layers (per optimizer step); alignment the mean of the layers' worst-seed
-    alignments; ``extra`` holds the worst over layers and seeds, the mean rel_err and the sv range.
+    alignments; ``extra`` holds the worst over layers and seeds, the mean rel_err, the sv range and the
+    role's total optimizer-state bytes (when the layers' points carry them).
     """
     if not per_layer:
         return []
@@ -96,10 +106,30 @@ def role_points(per_layer: Sequence[Sequence[Point]]) -> list[Point]:
                     "sv_min": min(e.get("sv_min", 0.0) for e in extras),
                     "sv_max": max(e.get("sv_max", 0.0) for e in extras),
                     "layers": len(ps),
+                    **(
+                        {"state_bytes": sum(int(e["state_bytes"]) for e in extras)}
+                        if all("state_bytes" in e for e in extras)
+                        else {}
+                    ),
                 },
             )
         )
     return out
+
+
+def _has_state(p: Point) -> bool:
+    return p.extra is not None and "state_bytes" in p.extra
+
+
+def state_front(points: Sequence[Point]) -> list[Point]:
+    """The points not dominated in (optimizer-state bytes down, alignment up), least state first.
+
+    Points without ``state_bytes`` in ``extra`` are left out. Among candidates that keep the full momentum
+    (every orthogonalizer) only the most aligned survives; the rest are the low-rank momenta worth their
+    bytes."""
+    by_label = {p.label: p for p in points}
+    proxies = [Point(p.label, float(p.extra["state_bytes"]), p.alignment) for p in points if _has_state(p)]
+    return [by_label[p.label] for p in pareto_front(proxies)]
 
 
 def point_json(p: Point) -> dict[str, Any]:
@@ -115,6 +145,11 @@ def model_summary(
     On accelerators a per-layer mix breaks same-shape batching, so the tuned figure (sum of per-layer
     shares of batched calls) is optimistic there; on CPU, where ProfiledMuon runs one matrix at a time,
     it is exact.
+
+    Optimizer state (when the points carry ``state_bytes``): ``default_state_bytes`` is the Muon state of
+    the benched layers under the baseline (the full momentum everywhere), ``tuned_state_bytes`` under the
+    fastest-reaching choices, ``min_state_bytes`` the least any benched candidate allows per layer (what
+    ``tune --state-memory-budget`` can go down to).
     """
     default_s = 0.0
     tuned_s = 0.0
@@ -122,6 +157,13 @@ def model_summary(
     short: list[str] = []
     missing_baseline: list[str] = []
     base_align: list[float] = []
+    state: dict[str, int | None] = {"default": 0, "tuned": 0, "min": 0}
+
+    def state_of(p: Point | None, key: str) -> None:
+        value = (p.extra or {}).get("state_bytes") if p is not None else None
+        current = state[key]
+        state[key] = None if value is None or current is None else current + int(value)
+
     for name, points in per_layer.items():
         by_label = {p.label: p for p in points}
         if baseline in by_label:
@@ -129,13 +171,19 @@ def model_summary(
             base_align.append(by_label[baseline].alignment)
         else:
             missing_baseline.append(name)
+        state_of(by_label.get(baseline), "default")
+        if points:
+            state_of(min(points, key=lambda p: (p.extra or {}).get("state_bytes", math.inf)), "min")
         pick = fastest_reaching(points, target)
         if pick is None and points:
             pick = max(points, key=lambda p: (p.alignment, -p.time_s))
             short.append(name)
+        state_of(pick, "tuned")
         if pick is not None:
             tuned_s += pick.time_s
             choices[name] = {"label": pick.label, "time_s": pick.time_s, "alignment": pick.alignment}
+            if "state_bytes" in (pick.extra or {}):
+                choices[name]["state_bytes"] = int(pick.extra["state_bytes"])  # type: ignore[index]
     ok = not missing_baseline and tuned_s > 0
     return {
         "baseline": baseline,
@@ -148,4 +196,7 @@ def model_summary(
         "choices": choices,
         "short_of_target": short,
         "baseline_missing": missing_baseline,
+        "default_state_bytes": state["default"] if per_layer else None,
+        "tuned_state_bytes": state["tuned"] if per_layer else None,
+        "min_state_bytes": state["min"] if per_layer else None,
     }

@@ -28,10 +28,22 @@ from .accuracy import NEEDS_MATRICES, SPECTRAL, layer_accuracy, model_check, sou
 from .artifact import BenchError, BenchResult
 from .candidates import BASELINE, GridSpec, build_candidates, candidate_label, check_ranks, fits
 from .cost import MEMORY_ESTIMATE, MEMORY_MEASURED, measure_costs
-from .pareto import TARGET_ALIGNMENT, layer_points, model_summary, pareto_front, point_json, role_points
+from .pareto import (
+    TARGET_ALIGNMENT,
+    layer_points,
+    model_summary,
+    pareto_front,
+    point_json,
+    role_points,
+    state_front,
+)
 
 RunProgress = Callable[[str, str, int, int], None]  # (phase, detail, done, total)
 EMULATED_BELOW = 0.5  # bf16 matmul slower than half of fp32: the device emulates it
+STATE_NOTE = (
+    "Muon optimizer state per layer under each candidate (optim.state_memory.muon_state_bytes): the full "
+    "momentum buffer, or a momentum_rank's factors (m + n + 1) r, plus a 4-byte step counter; float32 parameters"
+)
 
 
 def select_layers(spectra: Spectra, all_layers: bool = False) -> list[Any]:
@@ -195,6 +207,7 @@ def run_bench(
         "skipped_dtypes": skip,
         "timing_mode": "batched same-shape call" if device.type != "cpu" else "one matrix per call (x layer count)",
         "memory_source": MEMORY_MEASURED if device.type == "cuda" else MEMORY_ESTIMATE,
+        "state_bytes": STATE_NOTE,
         "notes": notes,
         "versions": {"muonprof": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "command": command or " ".join(sys.argv),
@@ -215,11 +228,15 @@ def _model_check_layers(layers: list[Any], momentum: dict[str, torch.Tensor], se
 
 
 def derive(result: BenchResult, target: float = TARGET_ALIGNMENT) -> None:
-    """Fill ``fronts`` (per layer and per role) and ``summary`` from costs and accuracy."""
+    """Fill ``fronts`` (per layer and per role; ``roles_state``: per role, optimizer-state bytes vs
+    alignment) and ``summary`` from costs and accuracy. Every point carries ``state_bytes``."""
     per_shape = result.per_layer_costs()
+    state = result.per_layer_state()
     points = {
         layer["name"]: layer_points(
-            result.accuracy.get(layer["name"], {}), per_shape.get(tuple(layer["matrix_shape"]), {})
+            result.accuracy.get(layer["name"], {}),
+            per_shape.get(tuple(layer["matrix_shape"]), {}),
+            state.get(tuple(layer["matrix_shape"]), {}),
         )
         for layer in result.layers
     }
@@ -231,5 +248,6 @@ def derive(result: BenchResult, target: float = TARGET_ALIGNMENT) -> None:
         "layers": {name: [point_json(p) for p in pareto_front(pts)] for name, pts in points.items()},
         "roles": {role: [point_json(p) for p in pareto_front(pts)] for role, pts in role_pts.items()},
         "role_points": {role: [point_json(p) for p in pts] for role, pts in role_pts.items()},
+        "roles_state": {role: [point_json(p) for p in state_front(pts)] for role, pts in role_pts.items()},
     }
     result.summary = model_summary(points, candidate_label(BASELINE), target)

@@ -25,10 +25,16 @@ def bench_command(
         typer.Argument(metavar="SPECTRA|MODEL", help="A spectra file (`muonprof spectrum`), or a model to capture."),
     ],
     methods: Annotated[
-        str | None, typer.Option("--methods", help="Comma list of newton_schulz, svd, lowrank, rsvd (default: all).")
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma list of newton_schulz, svd, lowrank, rsvd, momentum_rank (LiMuon's low-rank momentum; "
+            "default: all).",
+        ),
     ] = None,
     ranks: Annotated[
-        str | None, typer.Option("--ranks", help="Ranks for lowrank/rsvd, e.g. 32,64 (default 16..256).")
+        str | None,
+        typer.Option("--ranks", help="Ranks for lowrank/rsvd/momentum_rank, e.g. 32,64 (default 16..256)."),
     ] = None,
     steps: Annotated[str | None, typer.Option("--steps", help="Newton-Schulz steps, e.g. 3,5 (default 1..8).")] = None,
     schedules: Annotated[
@@ -156,17 +162,26 @@ def _capture(model: str, device: Any, steps: int, path: str, shown: Any, as_json
 
 
 def _print_report(result: Any) -> None:
+    from ..optim.state_memory import format_bytes
+
     summary = result.summary
     baseline = summary["baseline"]
     for role, front in result.fronts["roles"].items():
-        table = Table(title=f"{role}: Pareto-optimal candidates (time vs alignment)")
-        for col in ("candidate", "time/step", "align (layer mean)", "align (worst)", "rel_err", "sv range"):
+        table = Table(title=f"{role}: Pareto-optimal candidates (time vs alignment; * state vs alignment)")
+        columns = ("candidate", "time/step", "align (layer mean)", "align (worst)", "rel_err", "sv range", "state")
+        for col in columns:
             table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=col == "candidate")
         rows = list(front)
-        if baseline not in {p["label"] for p in rows}:
+        shown = {p["label"] for p in rows}
+        # The candidates worth their optimizer state (low-rank momenta), marked *, and the default.
+        memory = [p for p in result.fronts.get("roles_state", {}).get(role, []) if p["label"] not in shown]
+        rows += memory
+        if baseline not in shown | {p["label"] for p in memory}:
             rows += [p for p in result.fronts["role_points"].get(role, []) if p["label"] == baseline]
+        starred = {p["label"] for p in memory}
         for p in sorted(rows, key=lambda p: p["time_s"]):
             name = p["label"] + (" (default)" if p["label"] == baseline else "")
+            name += " *" if p["label"] in starred else ""
             table.add_row(
                 name,
                 _ms(p["time_s"]),
@@ -174,6 +189,7 @@ def _print_report(result: Any) -> None:
                 f"{p['alignment_worst']:.4f}",
                 f"{p['rel_err']:.3f}",
                 f"{p['sv_min']:.2f}-{p['sv_max']:.2f}",
+                format_bytes(p["state_bytes"]) if p.get("state_bytes") is not None else "-",
             )
         console.print(table)
     check = result.model_check
@@ -194,6 +210,16 @@ def _print_report(result: Any) -> None:
         )
     else:
         console.print(f"per step: the default {baseline} was not timed on every layer (see the bench file)")
+    if summary.get("default_state_bytes") is not None:
+        tuned = summary.get("tuned_state_bytes")
+        least = summary.get("min_state_bytes")
+        benched = "momentum_rank" in result.meta.get("grid", {}).get("methods", [])
+        console.print(
+            f"Muon optimizer state (benched layers, fp32): default {format_bytes(summary['default_state_bytes'])}, "
+            f"fastest reaching the target {format_bytes(tuned) if tuned is not None else '-'}, "
+            f"least with these candidates {format_bytes(least) if least is not None else '-'}"
+            + ("" if benched else " (no momentum_rank benched)")
+        )
     console.print(f"bench took {result.meta['wall_s']:.1f} s")
 
 
@@ -209,5 +235,3 @@ def _stem(path: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(path).stem
-
-

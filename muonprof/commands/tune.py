@@ -28,6 +28,16 @@ def tune_command(
     time_budget_ms: Annotated[
         float | None, typer.Option("--time-budget-ms", help="Best profile within this orthogonalization time.")
     ] = None,
+    state_memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--state-memory-budget",
+            metavar="SIZE",
+            help="Most Muon optimizer state for the whole model, e.g. 512MB, 1.5GiB, 2e9: the momentum buffers "
+            "(or low-rank momentum_rank factors) and step counters of the Muon layers, fp32. AdamW state is "
+            "fixed and reported apart.",
+        ),
+    ] = None,
     trials: Annotated[int, typer.Option("--trials", help="Stage-1 Optuna trials (cheap: no training).")] = 300,
     lr_trials: Annotated[int, typer.Option("--lr-trials", help="Stage-2 training trials (0 skips stage 2).")] = 12,
     lr_steps: Annotated[int, typer.Option("--lr-steps", help="Training steps per stage-2 trial.")] = 60,
@@ -62,6 +72,7 @@ def tune_command(
     from ..models import ModelSpecError, parse_overrides
     from ..profile import save_profile
     from ..tune import TuneError, build_profile, default_storage, default_study_name, tune_stage1, tune_stage2
+    from ..tune.writer import state_summary
     from ..workload import WorkloadError, build_workload
 
     if trials < 1:
@@ -76,6 +87,14 @@ def tune_command(
         fail(f"--time-budget-ms must be positive, got {time_budget_ms}", 2)
     if pruner not in ("median", "hyperband"):
         fail(f"--pruner must be median or hyperband, got {pruner!r}", 2)
+    state_budget = None
+    if state_memory_budget is not None:
+        from ..optim.state_memory import parse_bytes
+
+        try:
+            state_budget = parse_bytes(state_memory_budget)
+        except ValueError as err:
+            fail(f"--state-memory-budget: {err}", 2)
     shown = err_console if as_json else console
     command = " ".join(["muonprof", *sys.argv[1:]])
 
@@ -155,6 +174,7 @@ def tune_command(
                 trials=trials, seed=seed, target_alignment=target_alignment,
                 time_budget_s=time_budget_ms / 1e3 if time_budget_ms is not None else None, floor=floor,
                 on_trial=lambda study, trial: progress.update(task, completed=_finished(study)),
+                state_budget=state_budget,
             )  # fmt: skip
             progress.update(task, completed=trials)
         picks = {m.name: m.option(s1.choice.picks[m.name]).config for m in s1.menus}
@@ -194,6 +214,7 @@ def tune_command(
         "seed": seed,
         "target_alignment": target_alignment,
         "time_budget_ms": time_budget_ms,
+        "state_memory_budget": state_budget,
         "choice_source": s1.choice.source,
         "baseline_time_ms": s1.baseline.time_s * 1e3,
         "baseline_alignment": s1.baseline.quality,
@@ -201,6 +222,7 @@ def tune_command(
         "lr_default_val_loss": s2.default_value if s2 else None,
     }
     meta = (bench.meta.get("device") or {}) if bench is not None else {}
+    state = state_summary(s1.choice, s1.baseline, state_budget, _adamw_state_bytes(workload.model, shapes))
     profile = build_profile(
         model=model,
         fingerprint=fingerprint,
@@ -213,6 +235,7 @@ def tune_command(
         command=command,
         study=study_info,
         notes="; ".join(s1.notes) or None,
+        state=state,
     )
     save_profile(profile, out)
     if plot is not None:
@@ -233,6 +256,8 @@ def tune_command(
         "lr": lr_info or None,
         "lr_val_loss": s2.best_value if s2 else None,
         "lr_default_val_loss": s2.default_value if s2 else None,
+        "state_memory": state,
+        "notes": s1.notes,
     }
     if as_json:
         print(json.dumps(result, indent=2, default=str))
@@ -244,6 +269,10 @@ def tune_command(
         f"({speedup:.2f}x), descent share {choice.quality:.4f} vs {s1.baseline.quality:.4f}, "
         f"worst layer {choice.worst:.3f}"
     )
+    console.print(_state_line(state), highlight=False)
+    for note in s1.notes:
+        if "memory" in note:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
     if s2 is not None:
         default = f"{s2.default_value:.4f}" if s2.default_value is not None else "n/a"
         console.print(
@@ -253,19 +282,48 @@ def tune_command(
     console.print(f"wrote {out}" + (f" and {plot}" if plot else "") + f"; study {name} in {storage_url}")
 
 
+def _adamw_state_bytes(model: Any, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """State of the AdamW-routed parameters (fixed by the model: no profile changes it), float32."""
+    from ..optim.routing import route_module
+    from ..optim.state_memory import plans_state_bytes
+    from ..profile import resolve_layers
+
+    try:
+        return plans_state_bytes(resolve_layers(None, shapes, route_module(model)).values())["adamw"]
+    except ValueError:  # informational only: a routing problem surfaces when the profile is used
+        return None
+
+
+def _state_line(state: dict[str, Any]) -> str:
+    from ..optim.state_memory import format_bytes
+
+    budget = f" (budget {format_bytes(state['budget'])})" if state.get("budget") is not None else ""
+    adamw = f"; AdamW {format_bytes(state['adamw'])} (fixed)" if state.get("adamw") is not None else ""
+    return (
+        f"optimizer state (fp32): Muon {format_bytes(state['muon'])} vs default {format_bytes(state['muon_default'])}"
+        f"{budget}{adamw}"
+    )
+
+
 def _front_table(s1: Any) -> Table:
-    table = Table(title="stage 1: Pareto-optimal profiles (time per optimizer step vs descent share)")
-    for col in ("", "time ms", "speedup", "descent share", "worst layer", "from"):
+    from ..optim.state_memory import format_bytes
+
+    memory = s1.state_budget is not None
+    title = "stage 1: Pareto-optimal profiles (time per optimizer step vs descent share)"
+    table = Table(title=title + (" within the state-memory budget" if memory else ""))
+    columns = ("", "time ms", "speedup", "descent share", "worst layer", *(("Muon state",) if memory else ()), "from")
+    for col in columns:
         table.add_column(col, justify="right" if col not in ("", "from") else "left")
     base = s1.baseline.time_s
-    shown = s1.front if len(s1.front) <= 12 else [*s1.front[::max(1, len(s1.front) // 12)], s1.front[-1]]
+    shown = s1.front if len(s1.front) <= 12 else [*s1.front[:: max(1, len(s1.front) // 12)], s1.front[-1]]
     if s1.choice not in shown:
         shown = sorted([*shown, s1.choice], key=lambda a: a.time_s)
     for a in shown:
         mark = "→" if a is s1.choice else ""
+        state = (format_bytes(a.state_bytes),) if memory else ()
         table.add_row(
             mark, f"{a.time_s * 1e3:.4g}", f"{base / a.time_s:.2f}x" if a.time_s else "-", f"{a.quality:.4f}",
-            f"{a.worst:.3f}", a.source,
+            f"{a.worst:.3f}", *state, a.source,
         )  # fmt: skip
     return table
 
@@ -285,5 +343,3 @@ def _progress(shown: Any, transient: bool) -> Progress:
         console=shown,
         transient=transient,
     )
-
-

@@ -15,8 +15,10 @@ from typing import Any
 import optuna
 
 from ..bench.artifact import BenchResult
+from ..bench.candidates import MOMENTUM_RANK
 from ..capture import Spectra
 from ..lr_rules import lr_rule_factor
+from ..optim.state_memory import format_bytes
 from ..workload import Workload
 from . import stage1, stage2
 from .space import LayerMenu, TuneError, build_menus
@@ -35,6 +37,7 @@ class Stage1Result:
     study_name: str
     trials_run: int
     notes: list[str] = field(default_factory=list)
+    state_budget: int | None = None  # --state-memory-budget in bytes (None: not given)
 
 
 @dataclass
@@ -97,38 +100,101 @@ def tune_stage1(
     time_budget_s: float | None,
     floor: float = 0.5,
     on_trial: TrialCallback | None = None,
+    state_budget: int | None = None,
 ) -> Stage1Result:
-    """Menus from bench, the exact seeds (baseline, hull, per-layer target), the Optuna Pareto study, the pick."""
+    """Menus from bench, the exact seeds (baseline, hull, per-layer target), the Optuna Pareto study, the pick.
+
+    ``state_budget``: the most Muon optimizer state (bytes) the profile may hold, summed over the benched
+    (Muon-routed) layers: each layer's momentum (the full m x n buffer, or a low-rank momentum's factors
+    U, S, V) plus its 4-byte step counter, float32, as ``optim.state_memory.muon_state_bytes`` counts it.
+    AdamW-routed parameters are not in it (their state is fixed by the model). A budget at or above the
+    default's state changes nothing; below it the low-rank-momentum candidates join the menus, the study
+    gets state as a third objective, ``stage1.memory_seeds`` adds the exact profiles within the budget, and
+    the pick is made among the profiles within it. Without a target or time budget the pick is the fastest
+    reaching the default's descent share within the budget, or, when none does, the most aligned within it.
+    A budget below the least state the candidates allow is a TuneError naming that minimum.
+    """
     weights = momentum_weights(spectra) if spectra is not None else None
-    menus = build_menus(bench, weights, floor=floor)
     notes = [] if weights is not None else ["no spectra: layers weighted equally in the descent share"]
+    memory = False
+    if state_budget is not None:
+        default_state = stage1.baseline(build_menus(bench, weights, floor=floor)).state_bytes
+        memory = state_budget < default_state
+        if not memory:
+            notes.append(
+                f"--state-memory-budget {format_bytes(state_budget)} is not below the default's Muon state "
+                f"{format_bytes(default_state)}: no constraint"
+            )
+    menus = build_menus(bench, weights, floor=floor, memory=memory)
     base = stage1.baseline(menus)
+    if memory:
+        assert state_budget is not None
+        check_state_budget(bench, weights, menus, state_budget, floor)
     hull = stage1.lagrangian_hull(menus)
+    implicit = target_alignment is None and time_budget_s is None
     # No target and no budget: match the default's descent share, as fast as possible ("never worse").
-    if target_alignment is None and time_budget_s is None:
+    if implicit:
         target_alignment = base.quality
         notes.append(f"target: the default's descent share {base.quality:.4f}")
     target = target_alignment if target_alignment is not None else base.quality
     exact = [base, *hull, stage1.fastest_per_layer(menus, target)]
+    if memory:
+        assert state_budget is not None
+        exact += stage1.memory_seeds(menus, state_budget, [base, exact[-1]])
 
-    name = f"{study_name}-ortho"
+    # A separate study under a budget: its objectives differ (state is the third), and it serves every budget.
+    name = f"{study_name}-ortho" + ("-memory" if memory else "")
     sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(8, trials // 4 or 8)))
     study = open_study(
         storage,
         name,
         fingerprint=fingerprint,
         model=model,
-        stage=f"ortho:{menus_digest(menus)}",
-        directions=["minimize", "maximize"],
+        stage=f"ortho{'-memory' if memory else ''}:{menus_digest(menus)}",
+        directions=["minimize", "maximize", "minimize"] if memory else ["minimize", "maximize"],
         sampler=sampler,
     )
-    stage1.seed_trials(study, menus, exact)
-    ran = run_until(study, stage1.objective(menus), trials, on_trial=on_trial) if trials > 0 else 0
+    stage1.seed_trials(study, menus, exact, memory)
+    ran = run_until(study, stage1.objective(menus, memory), trials, on_trial=on_trial) if trials > 0 else 0
     evaluated = [a for t in finished_trials(study) if (a := stage1.trial_assignment(menus, t)) is not None]
     pool = exact + evaluated
-    front = stage1.pareto_set(pool)
-    choice = stage1.select(front, target_alignment=target_alignment, time_budget_s=time_budget_s)
-    return Stage1Result(menus, base, choice, front, evaluated, name, ran, notes)
+    budget = state_budget if memory else None
+    front = stage1.pareto_set([a for a in pool if budget is None or a.state_bytes <= budget])
+    try:
+        choice = stage1.select(
+            front, target_alignment=target_alignment, time_budget_s=time_budget_s, state_budget=budget
+        )
+    except TuneError:
+        if not (memory and implicit and front):
+            raise
+        choice = stage1.most_aligned(front)
+        notes.append(
+            f"the default's descent share {base.quality:.4f} is out of reach within the memory budget: "
+            f"took the most aligned profile within it ({choice.quality:.4f})"
+        )
+    return Stage1Result(menus, base, choice, front, evaluated, name, ran, notes, state_budget)
+
+
+def check_state_budget(
+    bench: BenchResult, weights: Mapping[str, float] | None, menus: Sequence[LayerMenu], budget: int, floor: float
+) -> None:
+    """A TuneError (one line) when ``budget`` is below the least Muon state the menus allow, naming it."""
+    least = stage1.min_state_bytes(menus)
+    if budget >= least:
+        return
+    hints = []
+    if not any(c.config.method == MOMENTUM_RANK for c in bench.costs):
+        hints.append("the bench file has no momentum_rank candidates: bench with --methods including momentum_rank")
+    elif floor > 0:
+        unfloored = stage1.min_state_bytes(build_menus(bench, weights, floor=0.0, memory=True))
+        if unfloored < least:
+            hints.append(f"{format_bytes(unfloored)} with a lower --min-layer-alignment than {floor:g}")
+    smaller_ranks = "; smaller --ranks go lower" if not hints else ""
+    raise TuneError(
+        f"--state-memory-budget {format_bytes(budget)} ({budget} bytes) is below the minimum Muon state the "
+        f"benched candidates allow: {format_bytes(least)} ({least} bytes)"
+        + (f" ({'; '.join(hints)})" if hints else smaller_ranks)
+    )
 
 
 def tune_stage2(

@@ -10,6 +10,13 @@ is the alignment averaged with weights ``w_L = f_L ||M_L||_*``. That is what a b
 optimizer: a poorly orthogonalized layer with a tiny gradient matters little, one carrying most of the
 nuclear norm matters a lot. The worst layer's alignment is reported beside it, and a per-layer floor
 keeps any single layer from being starved.
+
+Optimizer state is a third axis, used only under ``--state-memory-budget`` (``memory=True``): each option
+carries the Muon state bytes its layer would hold (``optim.state_memory``), every orthogonalizer the
+full momentum buffer, a ``momentum_rank`` candidate (LiMuon's low-rank momentum) its factors. Without a
+budget the low-rank momenta are left out of the menus altogether: they change the optimizer's state, not
+just its orthogonalizer, and their bench accuracy is the single-step figure (see ``bench.accuracy``), so
+they are chosen only when memory is asked for.
 """
 
 from __future__ import annotations
@@ -18,9 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..bench.artifact import BenchResult
-from ..bench.candidates import BASELINE, candidate_label
+from ..bench.candidates import BASELINE, MOMENTUM_RANK, Candidate, candidate_label
 from ..bench.pareto import Point, layer_points, pareto_front
-from ..ortho import OrthoConfig
 
 BASELINE_LABEL = candidate_label(BASELINE)
 
@@ -34,13 +40,14 @@ class Option:
     """One candidate on one layer."""
 
     label: str
-    config: OrthoConfig
+    config: Candidate  # an OrthoConfig, or a MomentumRank (low-rank momentum)
     time_s: float
     alignment: float  # worst over sketch seeds
     rel_err: float | None = None
     sv_min: float | None = None
     sv_max: float | None = None
     source: str | None = None
+    state_bytes: int = 0  # the layer's Muon optimizer state under this option (float32)
 
 
 @dataclass
@@ -63,6 +70,10 @@ class LayerMenu:
     def labels(self) -> list[str]:
         return [o.label for o in self.options]
 
+    @property
+    def min_state_bytes(self) -> int:
+        return min(o.state_bytes for o in self.options)
+
 
 def build_menus(
     bench: BenchResult,
@@ -70,15 +81,20 @@ def build_menus(
     *,
     floor: float = 0.0,
     allowed: set[str] | None = None,
+    memory: bool = False,
 ) -> list[LayerMenu]:
     """Menus for every benched layer: the layer's time/alignment Pareto front among candidates that were
     both timed and measured, above ``floor`` alignment, plus the baseline (Jordan x5 bf16) if it was timed.
 
     Dominated candidates are dropped: no profile that uses one can be better than the same profile with
-    the dominating candidate in its place, so the joint search loses nothing and shrinks a lot.
+    the dominating candidate in its place, so the joint search loses nothing and shrinks a lot. With
+    ``memory`` the low-rank-momentum candidates join and the front is taken over (time, alignment, state
+    bytes): a candidate stays unless another is at least as fast, as aligned and as small, and better in
+    one; without it they are left out (see the module docstring).
     """
     configs = {c.label: c.config for c in bench.costs}
     per_shape = bench.per_layer_costs()
+    per_state = bench.per_layer_state()
     menus: list[LayerMenu] = []
     for layer in bench.layers:
         name = str(layer["name"])
@@ -86,11 +102,13 @@ def build_menus(
         costs = per_shape.get(shape, {})
         if allowed is not None:
             costs = {k: v for k, v in costs.items() if k in allowed or k == BASELINE_LABEL}
-        points = layer_points(bench.accuracy.get(name, {}), costs)
+        if not memory:
+            costs = {k: v for k, v in costs.items() if configs[k].method != MOMENTUM_RANK}
+        points = layer_points(bench.accuracy.get(name, {}), costs, per_state.get(shape, {}))
         if not points:
             raise TuneError(f"bench has no timed and measured candidate for layer {name!r}")
         eligible = [p for p in points if p.alignment >= floor]
-        front = pareto_front(eligible) if eligible else []
+        front = (front_3d(eligible) if memory else pareto_front(eligible)) if eligible else []
         baseline = [p for p in points if p.label == BASELINE_LABEL]
         chosen: dict[str, Point] = {p.label: p for p in front + baseline}
         if not chosen:  # nothing reaches the floor and no baseline: keep the most aligned
@@ -105,7 +123,21 @@ def build_menus(
     return menus
 
 
-def _option(p: Point, config: OrthoConfig) -> Option:
+def front_3d(points: list[Point]) -> list[Point]:
+    """Points not dominated in (time down, alignment up, state bytes down); exact ties are all kept."""
+
+    def state(p: Point) -> int:
+        return int((p.extra or {}).get("state_bytes", 0))
+
+    def dominates(a: Point, b: Point) -> bool:
+        no_worse = a.time_s <= b.time_s and a.alignment >= b.alignment and state(a) <= state(b)
+        better = a.time_s < b.time_s or a.alignment > b.alignment or state(a) < state(b)
+        return no_worse and better
+
+    return [p for p in points if not any(dominates(q, p) for q in points)]
+
+
+def _option(p: Point, config: Candidate) -> Option:
     extra = dict(p.extra or {})
     return Option(
         label=p.label,
@@ -116,4 +148,5 @@ def _option(p: Point, config: OrthoConfig) -> Option:
         sv_min=extra.get("sv_min"),
         sv_max=extra.get("sv_max"),
         source=extra.get("source"),
+        state_bytes=int(extra.get("state_bytes", 0)),
     )

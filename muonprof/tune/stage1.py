@@ -10,6 +10,12 @@ relaxation: for a multiplier lambda every layer independently minimizes ``t - la
 remainder is what the Optuna study searches (NSGA-II over the per-layer choices, multi-objective). The
 study is seeded with the baseline (Jordan x5 bf16 everywhere) and every hull solution, so its Pareto set
 can never be worse than either, and a user's storage keeps every evaluated profile.
+
+A budget on the Muon optimizer state (``--state-memory-budget``) adds a knapsack constraint: the sum of
+the layers' state bytes must stay within it. ``fit_state`` meets it the Lagrangian way with a second
+multiplier (see there), ``memory_seeds`` applies it to every hull profile, and the study turns
+three-objective (time, descent share, state bytes) so its Pareto set spans all memory levels; the pick
+is then made among the profiles within the budget.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ class Assignment:
     quality: float  # weighted alignment (descent share)
     worst: float  # the worst layer's alignment
     source: str = ""  # "baseline" | "hull" | "optuna trial N" | "per-layer"
+    state_bytes: int = 0  # Muon optimizer state of the benched layers under these picks
 
     def to_json(self) -> dict[str, Any]:
         return {
             "time_s": self.time_s,
             "quality": self.quality,
             "worst_alignment": self.worst,
+            "state_bytes": self.state_bytes,
             "source": self.source,
             "picks": self.picks,
         }
@@ -51,12 +59,14 @@ def evaluate(menus: Sequence[LayerMenu], picks: dict[str, str], source: str = ""
     time_s = 0.0
     quality = 0.0
     worst = 1.0
+    state = 0
     for menu in menus:
         option = menu.option(picks[menu.name])
         time_s += option.time_s
         quality += menu.weight * option.alignment
         worst = min(worst, option.alignment)
-    return Assignment(dict(picks), time_s, quality / total_w, worst, source)
+        state += option.state_bytes
+    return Assignment(dict(picks), time_s, quality / total_w, worst, source, state)
 
 
 def time_model_note(batch_per_call: int) -> str:
@@ -92,6 +102,17 @@ def lagrangian_hull(menus: Sequence[LayerMenu], points: int = 64) -> list[Assign
 
     The multipliers are exactly the breakpoints where some layer switches option (plus the two ends),
     thinned to ``points`` evenly spaced ones when there are more."""
+    seen: dict[tuple[str, ...], Assignment] = {}
+    for lam in multipliers(menus, points):
+        picks = lagrangian_picks(menus, lam)
+        key = tuple(picks[m.name] for m in menus)
+        if key not in seen:
+            seen[key] = evaluate(menus, picks, "hull")
+    return sorted(seen.values(), key=lambda a: a.time_s)
+
+
+def multipliers(menus: Sequence[LayerMenu], points: int = 64) -> list[float]:
+    """The time-vs-quality multipliers of ``lagrangian_hull``: 0, the breakpoints (thinned), and one beyond."""
     breaks: set[float] = {0.0}
     for menu in menus:
         for a in menu.options:
@@ -104,33 +125,126 @@ def lagrangian_hull(menus: Sequence[LayerMenu], points: int = 64) -> list[Assign
         step = (len(ordered) - 1) / (points - 1)
         ordered = [ordered[round(i * step)] for i in range(points)]
     ordered.append(ordered[-1] * 2 + 1.0)
-    seen: dict[tuple[str, ...], Assignment] = {}
-    for lam in ordered:
-        picks = {
-            m.name: min(m.options, key=lambda o, m=m: (o.time_s - lam * m.weight * o.alignment, o.time_s)).label
-            for m in menus
-        }
-        key = tuple(picks[m.name] for m in menus)
-        if key not in seen:
-            seen[key] = evaluate(menus, picks, "hull")
-    return sorted(seen.values(), key=lambda a: a.time_s)
+    return ordered
+
+
+def lagrangian_picks(menus: Sequence[LayerMenu], lam: float) -> dict[str, str]:
+    """Every layer's option minimizing ``time - lam * w * alignment`` (ties: the faster)."""
+    return {
+        m.name: min(m.options, key=lambda o, m=m: (o.time_s - lam * m.weight * o.alignment, o.time_s)).label
+        for m in menus
+    }
+
+
+def min_state_bytes(menus: Sequence[LayerMenu]) -> int:
+    """The least Muon state any profile over ``menus`` can have: every layer at its smallest option."""
+    return sum(m.min_state_bytes for m in menus)
+
+
+def quality_multiplier(menus: Sequence[LayerMenu]) -> float:
+    """A time-vs-quality multiplier so large that quality decides and time only breaks ties."""
+    total_time = sum(max(o.time_s for o in m.options) for m in menus) or 1.0
+    weights = [m.weight for m in menus if m.weight > 0]
+    return 1e6 * total_time / (min(weights) if weights else 1.0)
+
+
+def fit_state(
+    menus: Sequence[LayerMenu], picks: dict[str, str], budget: int, *, lam: float, source: str = ""
+) -> Assignment | None:
+    """The profile nearest ``picks`` (in ``time - lam * w * alignment``) whose Muon state fits ``budget``.
+
+    The Lagrangian with a second multiplier nu on bytes: each layer minimizes
+    ``c(o) = time - lam * w * alignment + nu * state_bytes``. Raising nu from 0 switches layers to smaller
+    options one at a time, in the order of their cost per byte saved, ``(c(new) - c(old)) / (bytes saved)``
+    at lam; this walks that order greedily (which is the nu sweep along each layer's lower convex hull in
+    (bytes, c)) and stops at the first profile within the budget. The last switch can overshoot, so a
+    second pass takes back, best first, any single switch that lowers ``c`` and still fits. With a huge
+    ``lam`` (``quality_multiplier``) ``c`` is the descent share, time breaking ties: the most aligned
+    profile within the budget, up to the knapsack's integrality gap (at most one layer's switch).
+    None when even the smallest options do not fit.
+    """
+    if min_state_bytes(menus) > budget:
+        return None
+    picks = dict(picks)
+
+    def cost(menu: LayerMenu, o: Option) -> float:
+        return o.time_s - lam * menu.weight * o.alignment
+
+    total = sum(m.option(picks[m.name]).state_bytes for m in menus)
+    while total > budget:
+        best: tuple[tuple[float, float], LayerMenu, Option, int] | None = None
+        for menu in menus:
+            current = menu.option(picks[menu.name])
+            for o in menu.options:
+                saved = current.state_bytes - o.state_bytes
+                if saved <= 0:
+                    continue
+                key = ((cost(menu, o) - cost(menu, current)) / saved, -saved)
+                if best is None or key < best[0]:
+                    best = (key, menu, o, saved)
+        assert best is not None  # the smallest options fit, so some switch saves bytes
+        _, menu, o, saved = best
+        picks[menu.name] = o.label
+        total -= saved
+    while True:  # take back what the last switch overshot: single switches that lower c and still fit
+        best_gain: tuple[float, LayerMenu, Option, int] | None = None
+        for menu in menus:
+            current = menu.option(picks[menu.name])
+            for o in menu.options:
+                added = o.state_bytes - current.state_bytes
+                gain = cost(menu, current) - cost(menu, o)
+                fits = gain > 1e-15 * max(1.0, abs(cost(menu, current))) and total + added <= budget
+                if fits and (best_gain is None or gain > best_gain[0]):
+                    best_gain = (gain, menu, o, added)
+        if best_gain is None:
+            break
+        _, menu, o, added = best_gain
+        picks[menu.name] = o.label
+        total += added
+    return evaluate(menus, picks, source)
+
+
+def memory_seeds(menus: Sequence[LayerMenu], budget: int, starts: Sequence[Assignment]) -> list[Assignment]:
+    """Exact-ish profiles within ``budget``: every hull multiplier's profile fitted by ``fit_state`` at its own
+    multiplier, the most aligned profile that fits, and each of ``starts`` (the baseline, the per-layer
+    target) fitted with quality first. Duplicates collapsed; empty when the budget is below the minimum."""
+    q = quality_multiplier(menus)
+    out: dict[tuple[str, ...], Assignment] = {}
+
+    def add(a: Assignment | None) -> None:
+        if a is not None:
+            out.setdefault(tuple(a.picks[m.name] for m in menus), a)
+
+    for lam in [*multipliers(menus), q]:
+        add(fit_state(menus, lagrangian_picks(menus, lam), budget, lam=lam, source="hull within memory"))
+    for start in starts:
+        add(fit_state(menus, start.picks, budget, lam=q, source=f"{start.source or 'seed'} within memory"))
+    return sorted(out.values(), key=lambda a: a.time_s)
 
 
 def _most_aligned(o: Option) -> tuple[float, float]:
     return (o.alignment, -o.time_s)
 
 
-def objective(menus: Sequence[LayerMenu]) -> Callable[[optuna.Trial], tuple[float, float]]:
-    def run(trial: optuna.Trial) -> tuple[float, float]:
+def values_of(result: Assignment, memory: bool) -> list[float]:
+    """The study's objective values: time (ms) and descent share, plus the state in MiB with ``memory``."""
+    values = [result.time_s * 1e3, result.quality]
+    return [*values, result.state_bytes / 2**20] if memory else values
+
+
+def objective(menus: Sequence[LayerMenu], memory: bool = False) -> Callable[[optuna.Trial], Sequence[float]]:
+    def run(trial: optuna.Trial) -> Sequence[float]:
         picks = {m.name: trial.suggest_categorical(PARAM_PREFIX + m.name, m.labels) for m in menus}
         result = evaluate(menus, picks)
         trial.set_user_attr("worst_alignment", result.worst)
-        return result.time_s * 1e3, result.quality
+        return values_of(result, memory)
 
     return run
 
 
-def seed_trials(study: optuna.Study, menus: Sequence[LayerMenu], seeds: Sequence[Assignment]) -> int:
+def seed_trials(
+    study: optuna.Study, menus: Sequence[LayerMenu], seeds: Sequence[Assignment], memory: bool = False
+) -> int:
     """Add the exact profiles (baseline, hull, per-layer target) to the study once, as finished trials.
 
     They are evaluated here, not queued: they cost nothing, must be in the result whatever ``--trials``
@@ -144,7 +258,7 @@ def seed_trials(study: optuna.Study, menus: Sequence[LayerMenu], seeds: Sequence
             optuna.trial.create_trial(
                 params={PARAM_PREFIX + name: label for name, label in assignment.picks.items()},
                 distributions=distributions,
-                values=[assignment.time_s * 1e3, assignment.quality],
+                values=values_of(assignment, memory),
                 user_attrs={"seed": assignment.source, "worst_alignment": assignment.worst},
             )
         )
@@ -178,18 +292,30 @@ def select(
     *,
     target_alignment: float | None = None,
     time_budget_s: float | None = None,
+    state_budget: int | None = None,
 ) -> Assignment:
     """The profile the user asked for: the fastest reaching the target quality, or the best within the budget.
 
-    An unreachable request is a TuneError that names the best reachable value."""
+    ``state_budget`` (bytes of Muon state) first narrows the candidates to those within it. An unreachable
+    request is a TuneError that names the best reachable value."""
     if not candidates:
         raise TuneError("no evaluated profile to choose from")
+    if state_budget is not None:
+        fitting = [a for a in candidates if a.state_bytes <= state_budget]
+        if not fitting:
+            least = min(candidates, key=lambda a: a.state_bytes)
+            raise TuneError(
+                f"no profile fits --state-memory-budget {_bytes(state_budget)}: the smallest evaluated holds "
+                f"{_bytes(least.state_bytes)} of Muon state"
+            )
+        candidates = fitting
+    within_memory = "" if state_budget is None else f" within --state-memory-budget {_bytes(state_budget)}"
     if time_budget_s is not None:
         within = [a for a in candidates if a.time_s <= time_budget_s]
         if not within:
             fastest = min(candidates, key=lambda a: a.time_s)
             raise TuneError(
-                f"no profile fits --time-budget-ms {time_budget_s * 1e3:.4g}: the fastest takes "
+                f"no profile fits --time-budget-ms {time_budget_s * 1e3:.4g}{within_memory}: the fastest takes "
                 f"{fastest.time_s * 1e3:.4g} ms per step (alignment {fastest.quality:.3f})"
             )
         return max(within, key=lambda a: (a.quality, -a.time_s))
@@ -198,7 +324,18 @@ def select(
     if not reaching:
         best = max(candidates, key=lambda a: a.quality)
         raise TuneError(
-            f"no profile reaches --target-alignment {target:g}: the best reachable is {best.quality:.4f} "
-            f"({best.time_s * 1e3:.4g} ms per step)"
+            f"no profile reaches --target-alignment {target:g}{within_memory}: the best reachable is "
+            f"{best.quality:.4f} ({best.time_s * 1e3:.4g} ms per step)"
         )
     return min(reaching, key=lambda a: (a.time_s, -a.quality))
+
+
+def most_aligned(candidates: Sequence[Assignment]) -> Assignment:
+    """The highest descent share (ties: the faster)."""
+    return max(candidates, key=lambda a: (a.quality, -a.time_s))
+
+
+def _bytes(count: int) -> str:
+    from ..optim.state_memory import format_bytes
+
+    return f"{format_bytes(count)} ({count} bytes)"

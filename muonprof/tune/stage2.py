@@ -11,7 +11,8 @@ the end. It picks:
   gate/up, MLP down, conv, other hidden matrices) and one for the AdamW-routed layers;
 - the rank compensation for low-rank layers: a rank-r update has Frobenius norm sqrt(r) instead of
   sqrt(min(m, n)), so its RMS is smaller by sqrt(r / min(m, n)); the trial scales it by
-  ``(min(m, n) / r) ** (gamma / 2)`` with gamma in [0, 1] (0: as is, 1: RMS matched).
+  ``(min(m, n) / r) ** (gamma / 2)`` with gamma in [0, 1] (0: as is, 1: RMS matched). A low-rank momentum
+  layer (``momentum_rank``, update U_r V_r^T) is such a layer too, and gets the same compensation.
 
 This search is joint (the base LR and every multiplier interact through the loss), which is what Optuna's
 TPE sampler is for; intermediate validation losses go to a pruner (median or Hyperband) so that bad
@@ -29,10 +30,12 @@ from typing import Any
 
 import optuna
 
+from ..bench.candidates import MOMENTUM_RANK
 from ..optim import ProfiledMuon
 from ..workload import Workload
 from .space import LayerMenu
 
+LOW_RANK = frozenset({"lowrank", "rsvd", MOMENTUM_RANK})  # rank-r updates: the rank compensation applies
 DEFAULT_LR = 0.02
 RULE_BASE_LR = {"original": DEFAULT_LR, "spectral": DEFAULT_LR, "match_rms_adamw": 1e-3}
 ROLE_GROUPS = {
@@ -69,9 +72,9 @@ class LrChoice:
         for menu in menus:
             scale = self.base_lr / DEFAULT_LR * groups.get(group_of(menu.role), 1.0)
             config = picks[menu.name]
-            if config.method in ("lowrank", "rsvd") and config.rank and self.rank_comp > 0:
+            if config.method in LOW_RANK and config.rank and self.rank_comp > 0:
                 short = min(menu.shape)
-                if config.rank < short and not (config.full_below and short <= config.full_below):
+                if config.rank < short and not (getattr(config, "full_below", 0) and short <= config.full_below):
                     scale *= (short / config.rank) ** (self.rank_comp / 2)
             out[menu.name] = scale
         return out
@@ -111,7 +114,7 @@ def default_params(groups: Sequence[str], lowrank: bool) -> dict[str, Any]:
 def search_space(menus: Sequence[LayerMenu], picks: Mapping[str, Any]) -> tuple[list[str], bool]:
     """The role groups present, and whether any layer is low-rank (then the rank compensation is searched)."""
     groups = sorted({group_of(m.role) for m in menus})
-    lowrank = any(getattr(picks[m.name], "method", "") in ("lowrank", "rsvd") for m in menus)
+    lowrank = any(getattr(picks[m.name], "method", "") in LOW_RANK for m in menus)
     return groups, lowrank
 
 

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..bench.candidates import Candidate, MomentumRank
 from ..lr_rules import lr_rule_factor
+from ..optim.state_memory import format_bytes
 from ..ortho import OrthoConfig
 from ..profile import Profile, parse_profile
 from .space import BASELINE_LABEL, LayerMenu
@@ -26,8 +28,13 @@ from .stage1 import Assignment
 _LOWRANK_KEYS = ("rank", "range_finder", "power_iters", "oversample", "core", "full_below")
 
 
-def settings_of(config: OrthoConfig) -> dict[str, Any]:
-    """The profile keys for an orthogonalizer: everything that defines it, nothing that doesn't apply."""
+def settings_of(config: Candidate) -> dict[str, Any]:
+    """The profile keys for an orthogonalizer: everything that defines it, nothing that doesn't apply.
+
+    A low-rank momentum (``MomentumRank``) is ``{"momentum_rank": r}`` alone: it orthogonalizes straight
+    from its factors, and the profile refuses orthogonalizer keys beside it."""
+    if isinstance(config, MomentumRank):
+        return {"momentum_rank": config.rank}
     out: dict[str, Any] = {"method": config.method}
     if config.method == "svd":
         return out
@@ -39,6 +46,28 @@ def settings_of(config: OrthoConfig) -> dict[str, Any]:
             value = getattr(config, key)
             if value is not None:
                 out[key] = value
+    return out
+
+
+def state_summary(
+    choice: Assignment, baseline: Assignment, budget: int | None, adamw_bytes: int | None = None
+) -> dict[str, Any]:
+    """What the profile's optimizer state is predicted to be (bytes, float32 parameters).
+
+    ``muon``: the chosen profile's Muon state over the tuned layers (momentum or its low-rank factors, and
+    a step counter each: what ``--state-memory-budget`` bounds); ``muon_default``: the same layers with the
+    default full momentum; ``adamw``: the AdamW-routed parameters' state (two moments and a step counter),
+    fixed by the model whatever the profile; ``total``: muon + adamw."""
+    out: dict[str, Any] = {
+        "budget": budget,
+        "muon": choice.state_bytes,
+        "muon_default": baseline.state_bytes,
+        "saved": baseline.state_bytes - choice.state_bytes,
+        "adamw": adamw_bytes,
+        "total": choice.state_bytes + adamw_bytes if adamw_bytes is not None else None,
+        "counts": "Muon: momentum (or momentum_rank factors) + 4-byte step counter per tuned layer; float32",
+    }
+    out["human"] = {k: format_bytes(v) for k, v in out.items() if isinstance(v, int) and not isinstance(v, bool)}
     return out
 
 
@@ -55,8 +84,12 @@ def build_profile(
     command: str,
     study: Mapping[str, Any],
     notes: str | None = None,
+    state: Mapping[str, Any] | None = None,
 ) -> Profile:
-    """The profile for ``choice`` (stage 1) and ``lr`` (stage 2: ``{"lr_rule", "scales": {layer: s}, ...}``)."""
+    """The profile for ``choice`` (stage 1) and ``lr`` (stage 2: ``{"lr_rule", "scales": {layer: s}, ...}``).
+
+    ``state`` (``state_summary``) goes to ``provenance.study.state_memory``; the predicted Muon state is in
+    ``provenance.expected`` either way."""
     lr = dict(lr or {})
     rule = lr.get("lr_rule", "original")
     scales: Mapping[str, float] = lr.get("scales", {})
@@ -83,6 +116,8 @@ def build_profile(
                 "source": option.source,
                 "label": option.label,
                 "weight": menu.weight,
+                "state_bytes": option.state_bytes,
+                "baseline_state_bytes": base.state_bytes if base else None,
             },
         }
         layers[menu.name] = entry
@@ -102,12 +137,13 @@ def build_profile(
             "device_name": device.get("name"),
             "host": socket.gethostname(),
             "command": command,
-            "study": dict(study),
+            "study": {**dict(study), **({"state_memory": dict(state)} if state is not None else {})},
             "expected": {
                 "ortho_time_ms": choice.time_s * 1e3,
                 "alignment": choice.quality,
                 "worst_alignment": choice.worst,
                 "base_lr": lr.get("base_lr"),
+                "muon_state_bytes": choice.state_bytes,
             },
         },
         "conventions": {},
