@@ -332,38 +332,34 @@ def train(
             step += 1
             sync_device()
             t0 = clock()
-            if use_closure:
-                batch = workload.train_batch(step - 1)
-                t1 = clock()
-                try:
+            try:
+                if use_closure:
+                    batch = workload.train_batch(step - 1)
+                    t1 = clock()
                     value, inside, calls = closure_step(batch)
-                except _NonFiniteLoss as bad:
-                    result.train_losses.append(bad.value)
-                    result.diverged_at = step
-                    result.stop_reason = "diverged"
+                    sync_device()
+                    t2 = clock()
+                    optimizer_s = (t2 - t1) - inside
+                else:
                     optimizer.zero_grad(set_to_none=True)
-                    break
-                sync_device()
-                t2 = clock()
-                optimizer_s = (t2 - t1) - inside
-            else:
+                    loss = workload.loss(workload.train_batch(step - 1))
+                    loss.backward()
+                    value = loss_value(loss)
+                    calls = 1
+                    if not math.isfinite(value):
+                        raise _NonFiniteLoss(value)
+                    sync_device()
+                    t1 = clock()
+                    optimizer.step()
+                    sync_device()
+                    t2 = clock()
+                    optimizer_s = t2 - t1
+            except _NonFiniteLoss as bad:  # stop before the update: the weights stay finite
+                result.train_losses.append(bad.value)
+                result.diverged_at = step
+                result.stop_reason = "diverged"
                 optimizer.zero_grad(set_to_none=True)
-                loss = workload.loss(workload.train_batch(step - 1))
-                loss.backward()
-                value = loss_value(loss)
-                calls = 1
-                if not math.isfinite(value):
-                    result.train_losses.append(value)
-                    result.diverged_at = step
-                    result.stop_reason = "diverged"
-                    optimizer.zero_grad(set_to_none=True)
-                    break
-                sync_device()
-                t1 = clock()
-                optimizer.step()
-                sync_device()
-                t2 = clock()
-                optimizer_s = t2 - t1
+                break
             result.train_losses.append(value)
             result.step_s.append(t2 - t0)
             result.optimizer_step_s.append(optimizer_s)

@@ -137,23 +137,9 @@ class ProfiledMuon(torch.optim.Optimizer):
         super().__init__(groups, {})
         self._storm: list[Tensor] = [p for p in muon if self._plan_of[id(p)].momentum == "storm"]
         self._corrections: dict[int, tuple[Tensor | None, Tensor]] = {}
-        self._setup_distributed(
-            named,
-            distributed,
-            process_group,
-            dict(
-                lr=lr,
-                momentum=momentum,
-                nesterov=nesterov,
-                weight_decay=weight_decay,
-                adamw_lr=adamw_lr,
-                adamw_betas=list(adamw_betas),
-                adamw_eps=adamw_eps,
-                adamw_weight_decay=adamw_weight_decay,
-                skip_nonfinite=skip_nonfinite,
-                seed=seed,
-            ),
-        )
+        # Everything every rank must agree on besides the plans (the groups' settings, minus the tensors).
+        hyper = {"groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
+        self._setup_distributed(named, distributed, process_group, {**hyper, "skip": skip_nonfinite, "seed": seed})
 
     def _setup_distributed(
         self, named: list[tuple[str, Tensor]], distributed: bool | None, process_group: Any, hyper: dict[str, Any]
