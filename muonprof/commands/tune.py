@@ -166,7 +166,9 @@ def tune_command(
 
         check_bench_matches(bench, spectra, fingerprint)
 
-        shown.print(f"[bold]3/4 orthogonalizers[/]: Optuna study {name}-ortho in {storage_url}")
+        # Under a binding memory budget stage 1 uses its own study ({name}-ortho-memory); the line after
+        # the trials names the one actually used.
+        shown.print(f"[bold]3/4 orthogonalizers[/]: Optuna studies in {storage_url}")
         with _progress(shown, as_json) as progress:
             task = progress.add_task("stage 1 trials", total=trials)
             s1 = tune_stage1(
@@ -177,6 +179,7 @@ def tune_command(
                 state_budget=state_budget,
             )  # fmt: skip
             progress.update(task, completed=trials)
+        shown.print(f"    study {s1.study_name}: {s1.trials_run} trials run now")
         picks = {m.name: m.option(s1.choice.picks[m.name]).config for m in s1.menus}
 
         s2 = None
