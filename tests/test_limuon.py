@@ -141,11 +141,7 @@ def test_only_storm_layers_keep_previous_parameters_and_gradients_end_at_x_t() -
 
     for _ in range(3):
         light.step(fill)
-    assert set(light.state[w]) == {"step", "momentum_U", "momentum_S", "momentum_V"} | {
-        "storm_lr_step",
-        "storm_decay",
-        "storm_moved",
-    }
+    assert set(light.state[w]) == {"step", "momentum_U", "momentum_S", "momentum_V", "storm_undo"}
     # .grad is the gradient at the current iterate (before this step's update), as after any step(closure).
     before = copy.deepcopy(model)
     opt.step(closure)
@@ -331,3 +327,31 @@ def test_defaults_block_can_turn_on_low_rank_momentum_everywhere() -> None:
     muon = [p for p in opt.plans.values() if p.optimizer == "muon"]
     assert muon and all(p.momentum_rank == 4 and p.momentum == "storm" for p in muon)
     assert all(p.momentum == "ema" for p in opt.plans.values() if p.optimizer == "adamw")
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_a_nan_in_the_previous_iterate_gradient_skips_the_storm_layer(rank: int | None) -> None:
+    """A NaN in g(x_{t-1}) poisons M_t just as one in g(x_t) would: the layer keeps its weights and state."""
+    w = nn.Parameter(torch.randn(8, 6))
+    layer = {"momentum": "storm", **({"momentum_rank": rank} if rank else {})}
+    opt = ProfiledMuon([("w", w)], prof({"w": layer}))
+    calls = 0
+    poison_call = 2  # step 2's first call: the gradient at x_{t-1}
+
+    def closure() -> None:
+        nonlocal calls
+        calls += 1
+        w.grad = torch.full((8, 6), float("nan")) if calls == poison_call else torch.randn(8, 6)
+
+    opt.step(closure)
+    before = w.detach().clone()
+    state = {k: v.clone() if isinstance(v, Tensor) else v for k, v in opt.state[w].items() if k != "step"}
+    opt.step(closure)
+    assert torch.equal(w.detach(), before)
+    for key, value in state.items():
+        now = opt.state[w][key]
+        assert torch.equal(now, value) if isinstance(value, Tensor) else now == value, key
+    assert opt.nonfinite_counts() == {"w": 1}
+    opt.step(closure)
+    assert not torch.equal(w.detach(), before)
+    assert torch.isfinite(w).all()

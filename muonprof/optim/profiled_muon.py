@@ -214,7 +214,7 @@ class ProfiledMuon(torch.optim.Optimizer):
     def _storm_evaluations(self, closure: Callable[[], Any]) -> Any:
         """Both closure calls of a storm step; leaves mu (M_{t-1} - g(x_{t-1}; xi_t)) per storm layer."""
         mu_of = {id(p): g["momentum"] for g in self.param_groups if g["use_muon"] for p in g["params"]}
-        earlier = [p for p in self._storm if "prev_param" in self.state[p] or "storm_lr_step" in self.state[p]]
+        earlier = [p for p in self._storm if "prev_param" in self.state[p] or "storm_undo" in self.state[p]]
         rng = _rng_state({p.device for p in self._storm})
         if earlier:
             # x_{t-1} for every storm layer: stored (full-rank momentum) or rebuilt from the low-rank
@@ -262,9 +262,10 @@ class ProfiledMuon(torch.optim.Optimizer):
         st = self.state[p]
         x = _local(p).detach()
         direction = polar_of_factors(st["momentum_U"], st["momentum_S"], st["momentum_V"]).view_as(x)
-        decay = st["storm_decay"] if st["storm_decay"] > 0 else 1.0
-        previous = ((x.float() + st["storm_lr_step"] * direction) / decay).to(x.dtype)
-        return torch.where(st["storm_moved"] > 0, previous, x)
+        lr_step, decay, moved = st["storm_undo"].float().unbind(0)
+        decay = torch.where(decay > 0, decay, torch.ones_like(decay))  # lr * wd = 1 cannot be undone
+        previous = ((x.float() + lr_step * direction) / decay).to(x.dtype)
+        return torch.where(moved > 0, previous, x)
 
     def _buckets(self, group: dict[str, Any]) -> dict[tuple[Any, ...], list[Tensor]]:
         """Parameters with a gradient, grouped so that each group is one batched update computation."""
@@ -353,6 +354,11 @@ class ProfiledMuon(torch.optim.Optimizer):
                     previous = expand(st["momentum_U"], st["momentum_S"], st["momentum_V"])
                     inputs.append(previous.lerp_(g.reshape(shape).float(), 1 - mu))
             bucket.inputs = inputs
+        if ok is not None and not (rank is None and momentum == "ema"):
+            # A NaN from g(x_{t-1}) reaches the input through the correction: feed skipped layers zeros.
+            bucket.inputs = [
+                x if x is None else torch.where(ok[i], x, torch.zeros_like(x)) for i, x in enumerate(bucket.inputs)
+            ]
         if momentum == "storm" and rank is None:
             bucket.before = [t.detach().clone() for t in tensors]  # x_t, the next step's previous iterate
         return bucket
@@ -476,13 +482,19 @@ class ProfiledMuon(torch.optim.Optimizer):
                 torch._foreach_mul_(params, list(torch.where(ok, 1 - lr * wd, 1.0).unbind(0)))
         factors = [self._plan_of[id(p)].lr_factor for p in bucket.params]
         if bucket.momentum == "storm" and bucket.rank is not None:
-            # What _rebuild_previous needs to undo this step: two floats and a 0/1 flag per layer.
-            # The flag is a 0/1 scalar of the parameter's dtype: load_state_dict casts state to that dtype.
+            # What _rebuild_previous needs to undo this step, [lr_step, decay, moved], kept as a device
+            # tensor (filled on the device: no host sync) so a skipped layer keeps the last real move.
+            # In the parameter's dtype, as load_state_dict would cast it anyway.
             for i, (st, f, t) in enumerate(zip(states, factors, params)):
-                st["storm_lr_step"] = lr * f
-                st["storm_decay"] = 1 - lr * wd if wd != 0 else 1.0
-                moved = ok[i] if ok is not None else torch.ones((), dtype=torch.bool, device=t.device)
-                st["storm_moved"] = moved.to(t.dtype)
+                undo = torch.empty(3, dtype=t.dtype, device=t.device)
+                undo[0], undo[1], undo[2] = lr * f, 1 - lr * wd, 1.0
+                if ok is not None:
+                    old = st.get("storm_undo")
+                    if old is None:
+                        old = torch.zeros(3, dtype=t.dtype, device=t.device)
+                        old[1] = 1.0
+                    undo = torch.where(ok[i], undo, old)
+                st["storm_undo"] = undo
         for o, f in zip(outs, factors):
             if f != factors[0]:
                 o.mul_(f / factors[0])

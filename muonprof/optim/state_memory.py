@@ -9,7 +9,7 @@ Per Muon layer of matrix shape (m, n) and element size e:
 - ``ema`` (torch.optim.Muon): one m x n momentum buffer: ``m n e``.
 - ``momentum_rank = r``: factors U (m x r), S (r), V (n x r): ``(m + n + 1) r e``.
 - ``storm``: adds the previous parameters (the same numel as the layer) for the second gradient; with
-  ``momentum_rank`` the previous iterate is rebuilt from the factors instead, for a one-element flag.
+  ``momentum_rank`` the previous iterate is rebuilt from the factors instead, for 3 numbers.
 - every layer: a float32 step counter (4 bytes).
 
 AdamW layers: ``exp_avg`` and ``exp_avg_sq`` (2 x numel x e) and a float32 step (4 bytes).
@@ -50,7 +50,7 @@ def muon_state_bytes(
     if momentum == "storm" and momentum_rank is None:
         numel += math.prod(shape)
     elif momentum == "storm":
-        extra = element  # the "did the layer move" flag
+        extra = 3 * element  # [lr step, decay, moved] to rebuild the previous iterate
     return numel * element + STEP_COUNTER_BYTES + extra
 
 
