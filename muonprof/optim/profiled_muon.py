@@ -150,6 +150,8 @@ class ProfiledMuon(torch.optim.Optimizer):
         self._owner_of: dict[int, int] = {}
         self.owners: dict[str, int] = {}
         self.cost_source: str | None = None
+        # Exchange buffers reused across steps (not optimizer state: never saved, rebuilt on demand).
+        self._workspace: dict[Any, tuple[Tensor, list[Tensor]]] = {}
         self._fsdp = False
         mesh_group = dist_split.check_sharding(named, self.plans, distributed, process_group)
         if mesh_group is not None:
@@ -581,11 +583,8 @@ class ProfiledMuon(torch.optim.Optimizer):
     def _exchange(self, prepared: list[_Bucket], owned: dict[int, list[Tensor]]) -> dict[int, list[Tensor]]:
         """Every rank gets every layer's result (one all_gather for the whole step)."""
         layout = []
-        wide = torch.float32
         for bucket in prepared:
             for p in bucket.params:
-                if p.dtype == torch.float64:
-                    wide = torch.float64
                 m, n = bucket.shape
                 if bucket.rank is None:
                     parts = [((m, n), _output_dtype(bucket.ortho, p.dtype))]
@@ -593,7 +592,7 @@ class ProfiledMuon(torch.optim.Optimizer):
                     r = bucket.rank
                     parts = [((m, r), torch.float32), ((r,), torch.float32), ((n, r), torch.float32)]
                 layout.append((self._index_of[id(p)], self._owner_of[id(p)], parts))
-        return dist_split.exchange(owned, layout, self._group, prepared[0].device, wide)
+        return dist_split.exchange(owned, layout, self._group, prepared[0].device, self._workspace)
 
     # ------------------------------------------------------------------ reporting
 
