@@ -78,7 +78,10 @@ def profile_check(
                     "shape": list(plan.shape),
                     "optimizer": plan.optimizer,
                     "source": plan.reason,
-                    "ortho": plan.ortho.label() if plan.ortho else "",
+                    "ortho": (
+                        "U V^T of the factors" if plan.momentum_rank else plan.ortho.label() if plan.ortho else ""
+                    ),
+                    "momentum": plan.momentum_label if plan.optimizer == "muon" else "",
                     "lr_factor": round(plan.lr_factor, 6),
                 }
                 for plan in plans.values()
@@ -96,12 +99,26 @@ def profile_check(
     console.print(f"[green]ok[/] {file}: valid {profile.format}, {len(profile.layers)} layer entries")
     if rows:
         table = Table(title=f"{file} on {model}")
-        for col in ("parameter", "shape", "optimizer", "source", "orthogonalizer", "lr factor"):
+        # The momentum column only when a layer uses LiMuon's storm or low-rank momentum.
+        momentum = any(r["momentum"] not in ("", "ema") for r in rows)
+        columns = ("parameter", "shape", "optimizer", "source", "orthogonalizer", "momentum", "lr factor")
+        for col in columns if momentum else tuple(c for c in columns if c != "momentum"):
             table.add_column(col)
         for r in rows:
             shape = "x".join(map(str, r["shape"]))
-            table.add_row(r["name"], shape, r["optimizer"], r["source"], r["ortho"], f"{r['lr_factor']:.4g}")
+            cells = [r["name"], shape, r["optimizer"], r["source"], r["ortho"], f"{r['lr_factor']:.4g}"]
+            if momentum:
+                cells.insert(5, r["momentum"])
+            table.add_row(*cells)
         console.print(table)
+        from .optim.state_memory import format_bytes, plans_state_bytes
+
+        state = plans_state_bytes(plans.values())
+        console.print(
+            f"optimizer state (fp32): Muon {format_bytes(state['muon'])}, AdamW {format_bytes(state['adamw'])}"
+        )
+        if any(p.momentum == "storm" for p in plans.values()):
+            console.print("storm layers: step with optimizer.step(closure), two gradient evaluations per step")
 
 
 @profile_app.command("show")

@@ -49,6 +49,18 @@ def test_profile_check_valid_file_against_a_model(tmp_path: Path) -> None:
     assert rows["2.weight"]["source"] == "profile" and rows["6.weight"]["optimizer"] == "adamw"
 
 
+def test_profile_check_shows_limuon_momentum_and_the_state_it_keeps(tmp_path: Path) -> None:
+    layers = {"2.weight": {"momentum_rank": 8}, "4.weight": {"momentum": "storm"}}
+    path = write(tmp_path, {"format": FMT, "layers": layers})
+    result = runner.invoke(app, ["profile", "check", str(path), "--model", "mlp", "--json"])
+    rows = {r["name"]: r for r in json.loads(result.stdout)["layers"]}
+    assert rows["2.weight"]["momentum"] == "ema, rank 8" and rows["4.weight"]["momentum"] == "storm"
+    result = runner.invoke(app, ["profile", "check", str(path), "--model", "mlp"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "momentum" in result.output and "optimizer state (fp32): Muon" in result.output
+    assert "optimizer.step(closure)" in result.output
+
+
 def test_profile_check_errors_are_one_line_each_without_traceback(tmp_path: Path) -> None:
     cases = [
         ("{not json", "not valid JSON"),
