@@ -12,6 +12,13 @@ A profile changes, per layer, the orthogonalizer (``O``), the shape rule (``sqrt
 multiplier on it. Layers with the same matrix shape, dtype, device and orthogonalizer are stacked and
 orthogonalized in one batched call: on a GPU a model of many small matrices is otherwise launch-bound.
 
+LiMuon, per layer: ``momentum: "storm"`` replaces the EMA by M_t = g(x_t) + mu (M_{t-1} - g(x_{t-1})) on the
+same batch (``step(closure)``, two backward passes); ``momentum_rank: r`` keeps the momentum as rank-r
+factors and steps along their U V^T (``lowrank_momentum``).
+
+Under torch.distributed each Muon layer's expensive part runs on one owner rank and the results are
+all-gathered (DDP), or gathered to and scattered from the owner (FSDP2): see ``distributed``.
+
 Non-finite gradients: a layer whose gradient holds a NaN or an Inf is skipped for that step (its
 weights, momentum / Adam moments and step count stay as they were) while the other layers update;
 ``nonfinite_counts()`` reports how often that happened. The check is a tensor mask, not a host sync,
@@ -288,7 +295,7 @@ class ProfiledMuon(torch.optim.Optimizer):
     def _muon_step(self, group: dict[str, Any]) -> None:
         """Three phases: momentum on every rank; the expensive part (orthogonalization, or compressing a
         low-rank momentum) only by each layer's owner; then the exchange and the update on every rank."""
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        lr, wd = group["lr"], group["weight_decay"]
         prepared = [self._prepare_bucket(key, params, group) for key, params in self._buckets(group).items()]
         results: dict[int, list[Tensor]] = {}
         for bucket in prepared:
@@ -296,7 +303,7 @@ class ProfiledMuon(torch.optim.Optimizer):
         if self._group is not None and not self._fsdp and prepared:
             results = self._exchange(prepared, results)
         for bucket in prepared:
-            self._apply(bucket, results, lr, wd, mu)
+            self._apply(bucket, results, lr, wd)
 
     def _prepare_bucket(self, key: tuple[Any, ...], params: list[Tensor], group: dict[str, Any]) -> _Bucket:
         shape, _, device, ortho, momentum, rank = key
@@ -451,7 +458,7 @@ class ProfiledMuon(torch.optim.Optimizer):
                 ]
         return results
 
-    def _apply(self, bucket: _Bucket, results: dict[int, list[Tensor]], lr: float, wd: float, mu: float) -> None:
+    def _apply(self, bucket: _Bucket, results: dict[int, list[Tensor]], lr: float, wd: float) -> None:
         params, states, ok = bucket.tensors, bucket.states, bucket.ok
         keys = [self._index_of[id(p)] for p in bucket.params]
         if bucket.rank is not None:
