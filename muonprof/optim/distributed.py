@@ -162,9 +162,8 @@ def ortho_flops(shape: tuple[int, int], ortho: OrthoConfig | None, momentum_rank
         return compression_flops(m, n, momentum_rank)
     ortho = ortho or OrthoConfig()
     if ortho.method == "newton_schulz":
-        cost = newton_schulz_flops(m, n, ortho.ns_steps)
-        # bf16 and fp32 run at different rates; only relative costs matter, and NS dominates either way.
-        return cost
+        # Flops ignore that bf16 and fp32 run at different rates: the balance only needs relative costs.
+        return newton_schulz_flops(m, n, ortho.ns_steps)
     if ortho.method == "svd":
         return svd_flops(m, n)
     return lowrank_flops(m, n, ortho)
