@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,14 +13,7 @@ from muonprof import ProfiledMuon
 from muonprof.train import TrainResult, evaluate, optimizer_state_bytes, train
 from muonprof.workload import Workload, build_workload
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # 2 cores shared with other jobs: one BLAS thread avoids oversubscription stalls (10-50x on tiny models).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp() -> Workload:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,7 @@ PROFILE = {"format": "muonprof.profile/1", "defaults": {"dtype": "float32", "ns_
 TINY = {"batch_size": 2, "seq_len": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # 2 cores shared with other jobs: one BLAS thread avoids oversubscription stalls (10-50x on tiny models).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_profile(tmp_path: Path, data: dict[str, Any] = PROFILE, name: str = "p.json") -> Path:

@@ -11,7 +11,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,15 @@ from muonprof.launch import LaunchError, WorkerContext, launch
 from muonprof.validate import load_results, validate
 from muonprof.validate.distributed import shard_batch
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without torch.distributed")
-
 runner = CliRunner()
 MLP = ["mlp", "--batch-size", "4", "--steps", "4", "--eval-every", "2"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch without torch.distributed"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")
