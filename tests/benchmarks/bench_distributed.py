@@ -36,20 +36,16 @@ import torch.distributed as dist
 from muonprof import ProfiledMuon
 from muonprof.launch import LaunchError, WorkerContext, launch
 from muonprof.workload import build_workload
+from tests.benchmarks.bench_profile_step import timed_step as single_rank_step
 
 FP32 = {"format": "muonprof.profile/1", "defaults": {"dtype": "float32"}}
 
 
 def timed_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
-    """This rank's time for one step, started together (barrier) and reduced to the slowest rank's."""
+    """The one-process timing, started together (barrier) and reduced to the slowest rank's time."""
     dist.barrier()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=_reduce_device(device))
+    seconds = single_rank_step(opt, device)
+    elapsed = torch.tensor([seconds], dtype=torch.float64, device=_reduce_device(device))
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return float(elapsed.item())
 
