@@ -9,6 +9,7 @@ unwritable ``--out`` fails in a second instead of after an hour of training.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -59,3 +60,8 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     if target.exists() and not os.access(target, os.W_OK):
         raise OutputPathError(f"{target}: file exists and is not writable")
     return target
+
+
+def safe_name(spec: str) -> str:
+    """A file-name stem for a MODEL spec (``pkg.mod:build`` -> ``pkg.mod_build``; ``hf:/a/b`` -> ``b``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "model"

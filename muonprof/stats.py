@@ -59,8 +59,7 @@ class PairedComparison:
         if self.upper_bound is None:
             return f"{self.mean_diff:+.4f} (one seed: no bound, no verdict)"
         return (
-            f"{self.mean_diff:+.4f} (bound {self.upper_bound:+.4f}, {self.n} seeds): {self.verdict} at "
-            f"{self.margin:g}"
+            f"{self.mean_diff:+.4f} (bound {self.upper_bound:+.4f}, {self.n} seeds): {self.verdict} at {self.margin:g}"
         )
 
 

@@ -223,8 +223,8 @@ def test_cli_from_spectra_and_bench_to_a_loadable_profile(files: dict[str, Path]
     out = tmp_path / "profiles" / "tiny.json"
     plot = tmp_path / "front.png"
     args = ["tune", str(files["spectra"]), "--bench", str(files["bench"]), "--trials", "15", "--lr-trials", "3",
-            "--lr-steps", "4", "--batch-size", "2", "--out", str(out), "--plot", str(plot), "--json",
-            "--target-alignment", "0.9"]  # fmt: skip
+            "--race-candidates", "0", "--lr-steps", "4", "--batch-size", "2", "--out", str(out), "--plot", str(plot),
+            "--json", "--target-alignment", "0.9"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)

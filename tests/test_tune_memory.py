@@ -153,7 +153,7 @@ def test_cli_budget_to_a_profile_within_it(files: dict[str, Path], tmp_path: Pat
     default = default_muon_state()
     budget = int(default * 0.6)
     args = ["tune", str(files["spectra"]), "--bench", str(files["bench"]), "--trials", "8", "--lr-trials", "2",
-            "--lr-steps", "2", "--batch-size", "2", "--out", str(out),
+            "--race-candidates", "0", "--lr-steps", "2", "--batch-size", "2", "--out", str(out),
             "--state-memory-budget", f"{budget}B"]  # fmt: skip
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.stderr

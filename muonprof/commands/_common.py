@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .._files import safe_name
+
+__all__ = ["console", "err_console", "fail", "safe_name", "training_progress"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -18,11 +21,6 @@ def fail(message: str, code: int = 1) -> NoReturn:
     for line in message.splitlines() or [message]:
         err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def safe_name(spec: str) -> str:
-    """A file-name stem for a MODEL spec (``pkg.mod:build`` -> ``pkg.mod_build``; ``hf:/a/b`` -> ``b``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "model"
 
 
 def training_progress(shown: Console, transient: bool) -> Progress:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from ..tune.race import DEFAULT_MARGIN
 from ._common import console, err_console, fail, safe_name
 
 
@@ -60,33 +64,46 @@ def tune_command(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model override key=value.")] = None,
     methods: Annotated[str | None, typer.Option("--methods", help="Bench grid: methods (when benching).")] = None,
     ranks: Annotated[str | None, typer.Option("--ranks", help="Bench grid: ranks (when benching).")] = None,
+    race_candidates: Annotated[
+        int, typer.Option("--race-candidates", help="Stage-1 profiles raced against the default (0: no race).")
+    ] = 3,
+    race_seeds: Annotated[int, typer.Option("--race-seeds", help="Paired seeds per race contender.")] = 3,
+    race_steps: Annotated[
+        int, typer.Option("--race-steps", help="Race horizon: training steps of the last rung.")
+    ] = 200,
+    race_rungs: Annotated[int, typer.Option("--race-rungs", help="Successive-halving rungs (horizon halves).")] = 2,
+    race_eval_every: Annotated[
+        int | None, typer.Option("--race-eval-every", help="Race evaluation interval (default: shortest rung / 4).")
+    ] = None,
+    max_loss_increase: Annotated[
+        float,
+        typer.Option(
+            "--max-loss-increase",
+            help="Race margin δ (nats): a candidate passes when the 95% upper bound of its mean paired "
+            "val-loss difference to the default is below it.",
+        ),
+    ] = DEFAULT_MARGIN,
+    match_update_size: Annotated[
+        bool,
+        typer.Option(
+            "--match-update-size/--shared-lr",
+            help="Scale each candidate layer's lr so its predicted ||O||_F equals the default recipe's.",
+        ),
+    ] = True,
 ) -> None:
-    """Pick per-layer orthogonalizers (stage 1) and LR scaling (stage 2) with Optuna; write a profile."""
-    import torch
-
+    """Pick per-layer orthogonalizers (stage 1), the default recipe's LR scaling (stage 2), race the candidates
+    against the default in real training (stage 3), and write the winner's profile (or the default's)."""
     from .._files import OutputPathError, check_writable
-    from ..bench import BenchError, GridError, load_bench, parse_grid, run_bench, save_bench
-    from ..capture import CaptureError, SpectraError, capture_spectra, load_spectra, save_spectra
+    from ..bench import BenchError, GridError
+    from ..capture import CaptureError, SpectraError
     from ..data import DataError
     from ..device import DeviceError, resolve_device
     from ..models import ModelSpecError, parse_overrides
-    from ..profile import save_profile
-    from ..tune import TuneError, build_profile, default_storage, default_study_name, tune_stage1, tune_stage2
-    from ..tune.writer import state_summary
-    from ..workload import WorkloadError, build_workload
+    from ..tune import TuneError
+    from ..tune.pipeline import TuneRequest, run_tune
+    from ..tune.race import RaceOptions
+    from ..workload import WorkloadError
 
-    if trials < 1:
-        fail(f"--trials must be at least 1, got {trials}", 2)
-    if lr_trials < 0 or lr_steps < 1:
-        fail("--lr-trials must be >= 0 and --lr-steps >= 1", 2)
-    if target_alignment is not None and time_budget_ms is not None:
-        fail("give --target-alignment or --time-budget-ms, not both", 2)
-    if target_alignment is not None and not 0 < target_alignment <= 1:
-        fail(f"--target-alignment must be in (0, 1], got {target_alignment}", 2)
-    if time_budget_ms is not None and time_budget_ms <= 0:
-        fail(f"--time-budget-ms must be positive, got {time_budget_ms}", 2)
-    if pruner not in ("median", "hyperband"):
-        fail(f"--pruner must be median or hyperband, got {pruner!r}", 2)
     state_budget = None
     if state_memory_budget is not None:
         from ..optim.state_memory import parse_bytes
@@ -96,171 +113,96 @@ def tune_command(
         except ValueError as err:
             fail(f"--state-memory-budget: {err}", 2)
     shown = err_console if as_json else console
-    command = " ".join(["muonprof", *sys.argv[1:]])
-
-    spectra = None
-    source_path = Path(source)
     try:
-        torch_device = resolve_device(device)
-        overrides = parse_overrides(set_ or [])
-        if source_path.is_file():
-            spectra = load_spectra(source_path)
-            model_meta = spectra.meta.get("model", {})
-            model = str(model_meta.get("spec"))
-            overrides = overrides or dict(model_meta.get("overrides") or {})
-            data = data if data is not None else model_meta.get("data_option")
-            seq_len = seq_len if seq_len is not None else model_meta.get("seq_len")
-        else:
-            model = source
-        out = out if out is not None else Path(f"{safe_name(model)}.profile.json")
-        check_writable(out)
+        request = TuneRequest(
+            source=source,
+            out=out,
+            bench_file=bench_file,
+            target_alignment=target_alignment,
+            time_budget_s=time_budget_ms / 1e3 if time_budget_ms is not None else None,
+            state_budget=state_budget,
+            trials=trials,
+            lr_trials=lr_trials,
+            lr_steps=lr_steps,
+            eval_every=eval_every,
+            pruner=pruner,
+            floor=floor,
+            storage=storage,
+            study_name=study_name,
+            seed=seed,
+            capture_steps=capture_steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            data=data,
+            device=resolve_device(device),
+            overrides=parse_overrides(set_ or []),
+            methods=methods,
+            ranks=ranks,
+            race=RaceOptions(
+                candidates=race_candidates,
+                seeds=race_seeds,
+                steps=race_steps,
+                rungs=race_rungs,
+                eval_every=race_eval_every,
+                margin=max_loss_increase,
+                match_update_size=match_update_size,
+            ),
+            command=" ".join(["muonprof", *sys.argv[1:]]),
+        )
+        request.check()
+        target = out if out is not None else Path(f"{safe_name(source)}.profile.json")
+        if not Path(source).is_file():
+            check_writable(target)
         if plot is not None:
             check_writable(plot)
-        storage_url = storage or default_storage(out)
+    except (ModelSpecError, DeviceError, OutputPathError, TuneError) as err:
+        fail(str(err), 2)
 
-        def build() -> Any:
-            return build_workload(
-                model, overrides=overrides, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                device=torch_device,
-            )  # fmt: skip
+    import torch
 
-        workload = build()
-        from ..profile import fingerprint as fingerprint_of
-
-        shapes = {n: tuple(p.shape) for n, p in workload.model.named_parameters() if p.requires_grad}
-        fingerprint = fingerprint_of(shapes.items())
-        if spectra is not None and spectra.meta.get("fingerprint") not in (None, fingerprint):
-            raise TuneError(f"{source}: the spectra were captured on another model ({spectra.meta['fingerprint']})")
-        name = study_name or default_study_name(model, fingerprint)
-        bench = load_bench(bench_file) if bench_file is not None else None
-        grid = parse_grid(methods=methods, ranks=ranks) if (methods or ranks) else None
+    try:
+        outcome = run_tune(request, _Reporter(shown, as_json))
+    except KeyboardInterrupt:
+        fail(
+            "interrupted: finished trials and race runs are stored in the Optuna storage; run the same command "
+            "again to continue. No profile written.",
+            130,
+        )
     except (ModelSpecError, DataError, WorkloadError, DeviceError, OutputPathError, SpectraError) as err:
         fail(str(err), 2)
     except (BenchError, GridError, TuneError) as err:
         fail(str(err), 2)
-
-    try:
-        if spectra is None and bench is None:
-            shown.print(f"[bold]1/4 capture[/]: {capture_steps} training steps of {model} for its spectra")
-            with _progress(shown, as_json) as progress:
-                task = progress.add_task("capture", total=capture_steps)
-                spectra = capture_spectra(
-                    workload, steps=capture_steps, every=max(1, capture_steps), seed=seed,
-                    on_step=lambda step, loss: progress.update(task, completed=step), command=command,
-                )  # fmt: skip
-            save_spectra(spectra, out.with_name(out.stem + ".spectra.pt"))
-        if bench is None:
-            assert spectra is not None
-            shown.print(f"[bold]2/4 bench[/]: orthogonalizer cost and accuracy on {torch_device}")
-            with _progress(shown, as_json) as progress:
-                tasks: dict[str, Any] = {}
-
-                def on_bench(phase: str, detail: str, done: int, total: int) -> None:
-                    if phase not in tasks:
-                        tasks[phase] = progress.add_task(phase, total=max(total, 1))
-                    progress.update(tasks[phase], completed=done, total=max(total, 1))
-
-                bench = run_bench(spectra, device=torch_device, grid=grid, progress=on_bench, command=command)
-            save_bench(bench, out.with_name(out.stem + ".bench.json"))
-        from ..tune.run import check_bench_matches
-
-        check_bench_matches(bench, spectra, fingerprint)
-
-        # Under a binding memory budget stage 1 uses its own study ({name}-ortho-memory); the line after
-        # the trials names the one actually used.
-        shown.print(f"[bold]3/4 orthogonalizers[/]: Optuna studies in {storage_url}")
-        with _progress(shown, as_json) as progress:
-            task = progress.add_task("stage 1 trials", total=trials)
-            s1 = tune_stage1(
-                bench, spectra, storage=storage_url, study_name=name, fingerprint=fingerprint, model=model,
-                trials=trials, seed=seed, target_alignment=target_alignment,
-                time_budget_s=time_budget_ms / 1e3 if time_budget_ms is not None else None, floor=floor,
-                on_trial=lambda study, trial: progress.update(task, completed=_finished(study)),
-                state_budget=state_budget,
-            )  # fmt: skip
-            progress.update(task, completed=trials)
-        shown.print(f"    study {s1.study_name}: {s1.trials_run} trials run now")
-        picks = {m.name: m.option(s1.choice.picks[m.name]).config for m in s1.menus}
-
-        s2 = None
-        if lr_trials > 0:
-            every = eval_every or max(1, lr_steps // 4)
-            shown.print(f"[bold]4/4 learning rates[/]: {lr_trials} trials x {lr_steps} steps, study {name}-lr")
-            with _progress(shown, as_json) as progress:
-                task = progress.add_task("stage 2 trials", total=lr_trials)
-                s2 = tune_stage2(
-                    build, s1.menus, picks, storage=storage_url, study_name=name, fingerprint=fingerprint,
-                    model=model, trials=lr_trials, steps=lr_steps, eval_every=every, seed=seed, pruner=pruner,
-                    on_trial=lambda study, trial: progress.update(task, completed=_finished(study)),
-                )  # fmt: skip
-    except KeyboardInterrupt:
-        fail(
-            f"interrupted: finished trials are stored in {storage_url} (study {name}); "
-            "run the same command again to continue. No profile written.",
-            130,
-        )
-    except (BenchError, GridError, TuneError, SpectraError, CaptureError) as err:
-        fail(str(err), 2 if not isinstance(err, CaptureError) else 1)
+    except CaptureError as err:
+        fail(str(err), 1)
     except torch.OutOfMemoryError:
-        fail(f"out of memory on {torch_device}; try a smaller --batch-size or --seq-len. No profile written.")
-
-    lr_info: dict[str, Any] = {}
-    if s2 is not None:
-        lr_info = {**s2.choice.to_json(), "scales": s2.scales}
-    study_info = {
-        "storage": storage_url,
-        "stage1": s1.study_name,
-        "stage2": s2.study_name if s2 else None,
-        "trials": trials,
-        "lr_trials": lr_trials,
-        "lr_steps": lr_steps,
-        "seed": seed,
-        "target_alignment": target_alignment,
-        "time_budget_ms": time_budget_ms,
-        "state_memory_budget": state_budget,
-        "choice_source": s1.choice.source,
-        "baseline_time_ms": s1.baseline.time_s * 1e3,
-        "baseline_alignment": s1.baseline.quality,
-        "lr_val_loss": s2.best_value if s2 else None,
-        "lr_default_val_loss": s2.default_value if s2 else None,
-    }
-    meta = (bench.meta.get("device") or {}) if bench is not None else {}
-    state = state_summary(s1.choice, s1.baseline, state_budget, _adamw_state_bytes(workload.model, shapes))
-    profile = build_profile(
-        model=model,
-        fingerprint=fingerprint,
-        num_parameters=sum(p.numel() for p in workload.model.parameters()),
-        shapes=shapes,
-        menus=s1.menus,
-        choice=s1.choice,
-        lr=lr_info,
-        device={"type": meta.get("backend", torch_device.type), "name": meta.get("name")},
-        command=command,
-        study=study_info,
-        notes="; ".join(s1.notes) or None,
-        state=state,
-    )
-    save_profile(profile, out)
+        fail(f"out of memory on {device}; try a smaller --batch-size or --seq-len. No profile written.")
+    s1, s2, race = outcome.stage1, outcome.stage2, outcome.race
     if plot is not None:
         from ..plots.tune import plot_front
 
         plot_front(s1, plot)
-
-    speedup = s1.baseline.time_s / s1.choice.time_s if s1.choice.time_s > 0 else float("inf")
+    shipped = outcome.profile.provenance.model_dump() if outcome.profile.provenance else {}
+    expected = shipped.get("expected") or {}
+    ortho_ms = float(expected.get("ortho_time_ms") or 0.0)
+    speedup = s1.baseline.time_s * 1e3 / ortho_ms if ortho_ms > 0 else float("inf")
     result = {
-        "profile": str(out),
-        "storage": storage_url,
-        "study": name,
+        "profile": str(outcome.out),
+        "storage": outcome.storage,
+        "study": outcome.study,
+        "shipped": outcome.shipped,
+        "choice": outcome.assignment.to_json(),
         "baseline": s1.baseline.to_json(),
-        "choice": s1.choice.to_json(),
+        "stage1_choice": s1.choice.to_json(),
         "speedup": speedup,
         "front": [a.to_json() | {"picks": None} for a in s1.front],
         "stage1_trials_run": s1.trials_run,
-        "lr": lr_info or None,
+        "lr": outcome.lr.to_json(),
         "lr_val_loss": s2.best_value if s2 else None,
         "lr_default_val_loss": s2.default_value if s2 else None,
-        "state_memory": state,
-        "notes": s1.notes,
+        "race": race.to_json() if race else None,
+        "state_memory": outcome.state,
+        "artifacts": outcome.artifacts,
+        "notes": outcome.notes,
     }
     if as_json:
         print(json.dumps(result, indent=2, default=str))
@@ -268,33 +210,101 @@ def tune_command(
     console.print(_front_table(s1))
     choice = s1.choice
     console.print(
-        f"chosen ({choice.source}): {choice.time_s * 1e3:.3g} ms per step vs default {s1.baseline.time_s * 1e3:.3g} ms "
-        f"({speedup:.2f}x), descent share {choice.quality:.4f} vs {s1.baseline.quality:.4f}, "
-        f"worst layer {choice.worst:.3f}"
+        f"stage 1 pick ({choice.source}): {choice.time_s * 1e3:.3g} ms per step vs default "
+        f"{s1.baseline.time_s * 1e3:.3g} ms ({s1.baseline.time_s / choice.time_s:.2f}x predicted), descent share "
+        f"{choice.quality:.4f} vs {s1.baseline.quality:.4f}, worst layer {choice.worst:.3f}",
+        highlight=False,
     )
-    console.print(_state_line(state), highlight=False)
-    for note in s1.notes:
-        if "memory" in note:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
     if s2 is not None:
         default = f"{s2.default_value:.4f}" if s2.default_value is not None else "n/a"
         console.print(
-            f"learning rate: rule {s2.choice.lr_rule}, base lr {s2.choice.base_lr:.4g}; val loss {s2.best_value:.4f} "
-            f"(default settings {default}); {s2.finished} trials, {s2.pruned} pruned"
+            f"learning rate (default recipe): rule {s2.choice.lr_rule}, base lr {s2.choice.base_lr:.4g}; val loss "
+            f"{s2.best_value:.4f} (untuned {default}); {s2.finished} trials, {s2.pruned} pruned",
+            highlight=False,
         )
-    console.print(f"wrote {out}" + (f" and {plot}" if plot else "") + f"; study {name} in {storage_url}")
+    if race is not None:
+        console.print(_race_table(race))
+    console.print(_state_line(outcome.state), highlight=False)
+    for note in outcome.notes:
+        console.print(Text("note: ", style="yellow") + Text(note))
+    console.print(
+        Text(
+            f"shipped: {outcome.shipped}; wrote {outcome.out}"
+            + (f" and {plot}" if plot else "")
+            + f"; study {outcome.study} in {outcome.storage}"
+        )
+    )
 
 
-def _adamw_state_bytes(model: Any, shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """State of the AdamW-routed parameters (fixed by the model: no profile changes it), float32."""
-    from ..optim.routing import route_module
-    from ..optim.state_memory import plans_state_bytes
-    from ..profile import resolve_layers
+class _Reporter:
+    """The pipeline's stage lines and progress bars on the console (bars vanish under --json)."""
 
-    try:
-        return plans_state_bytes(resolve_layers(None, shapes, route_module(model)).values())["adamw"]
-    except ValueError:  # informational only: a routing problem surfaces when the profile is used
-        return None
+    def __init__(self, shown: Any, transient: bool) -> None:
+        self.shown, self.transient = shown, transient
+
+    def stage(self, text: str) -> None:
+        head, _, rest = text.partition(": ")
+        self.shown.print(Text(head, style="bold") + Text(": " + rest if rest else ""))
+
+    @contextlib.contextmanager
+    def track(self, label: str, total: int) -> Iterator[Callable[..., None]]:
+        with _progress(self.shown, self.transient) as progress:
+            task = progress.add_task(label, total=max(total, 1))
+
+            def update(completed: int, total: int | None = None) -> None:
+                progress.update(task, completed=completed, **({"total": max(total, 1)} if total else {}))
+
+            yield update
+
+
+def _race_table(race: Any) -> Table:
+    opts = race.options
+    table = Table(
+        title=f"stage 3: race at {opts.steps} steps, {opts.seeds} paired seeds, margin {opts.margin:g} nats "
+        "(Δ = candidate − default val loss)"
+    )
+    for col in (
+        "",
+        "contender",
+        "predicted",
+        "measured step",
+        "Δ val loss",
+        "95% bound",
+        "verdict",
+        "horizon",
+        "steps to target",
+    ):
+        table.add_column(col, justify="left" if col in ("", "contender", "verdict") else "right")
+    for row in race.rows:
+        mark = "→" if row.name == race.winner else ""
+        c = row.comparison
+        measured = (
+            f"{row.measured_step_ms:.3g} ms"
+            + (f" ({row.measured_speedup:.2f}x)" if row.measured_speedup and row.name != "default" else "")
+            if row.measured_step_ms
+            else "-"
+        )
+        reached = [s for s in row.steps_to_target if s is not None]
+        table.add_row(
+            mark,
+            f"{row.name} {_methods(row.methods)}",
+            f"{row.predicted_speedup:.2f}x" if row.name != "default" else "1.00x",
+            measured,
+            f"{c.mean_diff:+.4f}" if c else "-",
+            f"{c.upper_bound:+.4f}" if c and c.upper_bound is not None else "-",
+            row.verdict,
+            str(row.horizon or "-"),
+            f"{len(reached)}/{len(row.steps_to_target)} seeds, median {sorted(reached)[len(reached) // 2]}"
+            if reached
+            else ("-" if row.name == "default" else "not reached"),
+        )
+    return table
+
+
+def _methods(methods: dict[str, int]) -> str:
+    parts = [f"{n}x {label}" for label, n in list(methods.items())[:2]]
+    more = len(methods) - 2
+    return "(" + ", ".join(parts) + (f", +{more} more" if more > 0 else "") + ")"
 
 
 def _state_line(state: dict[str, Any]) -> str:
@@ -325,9 +335,14 @@ def _front_table(s1: Any) -> Table:
         mark = "→" if a is s1.choice else ""
         state = (format_bytes(a.state_bytes),) if memory else ()
         table.add_row(
-            mark, f"{a.time_s * 1e3:.4g}", f"{base / a.time_s:.2f}x" if a.time_s else "-", f"{a.quality:.4f}",
-            f"{a.worst:.3f}", *state, a.source,
-        )  # fmt: skip
+            mark,
+            f"{a.time_s * 1e3:.4g}",
+            f"{base / a.time_s:.2f}x" if a.time_s else "-",
+            f"{a.quality:.4f}",
+            f"{a.worst:.3f}",
+            *state,
+            a.source,
+        )
     return table
 
 

@@ -85,11 +85,13 @@ def build_profile(
     study: Mapping[str, Any],
     notes: str | None = None,
     state: Mapping[str, Any] | None = None,
+    race: Mapping[str, Any] | None = None,
 ) -> Profile:
     """The profile for ``choice`` (stage 1) and ``lr`` (stage 2: ``{"lr_rule", "scales": {layer: s}, ...}``).
 
     ``state`` (``state_summary``) goes to ``provenance.study.state_memory``; the predicted Muon state is in
-    ``provenance.expected`` either way."""
+    ``provenance.expected`` either way. ``race`` (``RaceResult.to_json()``): the stage-3 table that proved
+    (or refused) the profile, kept as ``provenance.race``."""
     lr = dict(lr or {})
     rule = lr.get("lr_rule", "original")
     scales: Mapping[str, float] = lr.get("scales", {})
@@ -145,6 +147,7 @@ def build_profile(
                 "base_lr": lr.get("base_lr"),
                 "muon_state_bytes": choice.state_bytes,
             },
+            **({"race": dict(race)} if race is not None else {}),
         },
         "conventions": {},
         "defaults": defaults,

@@ -1,0 +1,454 @@
+"""The whole ``muonprof tune`` flow as one library call: capture -> bench -> stage 1 -> stage 2 -> race -> profile.
+
+``muonprof tune`` parses options into a ``TuneRequest`` and prints; everything it decides happens here, so a
+script (or a test) runs the same pipeline with ``run_tune(request)``. Each stage takes its inputs explicitly
+and leaves an artifact:
+
+1. **capture** (``NAME.spectra.pt`` beside the profile): real training steps and the gradient/momentum spectra;
+2. **bench** (``NAME.bench.json``): cost and accuracy of every candidate on this device;
+3. **stage 1** (Optuna study ``{study}-ortho``): per-layer menus -> the Pareto front of whole-model profiles;
+4. **stage 2** (``{study}-lr``): learning-rate scaling from short real runs *of the default recipe*, applied to
+   every contender of the race (see ``race``: the same LR treatment for all);
+5. **stage 3** (``{study}-race-{digest}``): the race in real training; its winner, or the default, ships.
+
+Spectra and bench files are reused when they were made for the same inputs (their ``tune_inputs`` digest
+matches): a re-run after an interruption goes straight back to the stage it stopped in, and every Optuna
+stage resumes from its stored trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .._files import safe_name
+from ..bench import BenchResult, load_bench, parse_grid, run_bench, save_bench
+from ..capture import Spectra, capture_spectra, load_spectra, save_spectra
+from ..profile import Profile, save_profile
+from ..profile import fingerprint as fingerprint_of
+from ..workload import Workload, build_workload
+from .race import Contender, RaceEvent, RaceOptions, RaceResult, build_contenders, pick_candidates, run_race
+from .run import Stage1Result, Stage2Result, check_bench_matches, default_study_name, tune_stage1, tune_stage2
+from .space import TuneError
+from .stage2 import LrChoice
+from .study import default_storage, finished_trials
+from .writer import build_profile, state_summary
+
+Update = Callable[..., None]  # update(completed, total=None)
+
+
+class Reporter(Protocol):
+    """How the pipeline tells a person what it is doing (the CLI prints; a script may stay silent)."""
+
+    def stage(self, text: str) -> None: ...
+
+    def track(self, label: str, total: int) -> contextlib.AbstractContextManager[Update]: ...
+
+
+class Silent:
+    """A Reporter that says nothing."""
+
+    def stage(self, text: str) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def track(self, label: str, total: int) -> Iterator[Update]:
+        yield lambda *args, **kwargs: None
+
+
+@dataclass
+class TuneRequest:
+    """Everything ``muonprof tune`` was asked (the CLI's options, checked)."""
+
+    source: str  # MODEL spec or a spectra file
+    out: Path | None = None
+    bench_file: Path | None = None
+    target_alignment: float | None = None
+    time_budget_s: float | None = None
+    state_budget: int | None = None
+    trials: int = 300
+    lr_trials: int = 12
+    lr_steps: int = 60
+    eval_every: int | None = None
+    pruner: str = "median"
+    floor: float = 0.5
+    storage: str | None = None
+    study_name: str | None = None
+    seed: int = 0
+    capture_steps: int = 10
+    batch_size: int = 8
+    seq_len: int | None = None
+    data: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    overrides: dict[str, Any] = field(default_factory=dict)
+    methods: str | None = None
+    ranks: str | None = None
+    race: RaceOptions = field(default_factory=RaceOptions)
+    command: str = "muonprof tune"
+
+    def check(self) -> None:
+        """TuneError (one line) for options that cannot give a profile; nothing has been written yet."""
+        if self.trials < 1:
+            raise TuneError(f"--trials must be at least 1, got {self.trials}")
+        if self.lr_trials < 0 or self.lr_steps < 1:
+            raise TuneError("--lr-trials must be >= 0 and --lr-steps >= 1")
+        if self.target_alignment is not None and self.time_budget_s is not None:
+            raise TuneError("give --target-alignment or --time-budget-ms, not both")
+        if self.target_alignment is not None and not 0 < self.target_alignment <= 1:
+            raise TuneError(f"--target-alignment must be in (0, 1], got {self.target_alignment}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise TuneError(f"--time-budget-ms must be positive, got {self.time_budget_s * 1e3}")
+        if self.pruner not in ("median", "hyperband"):
+            raise TuneError(f"--pruner must be median or hyperband, got {self.pruner!r}")
+        if self.capture_steps < 1:
+            raise TuneError(f"--capture-steps must be at least 1, got {self.capture_steps}")
+        self.race.check()
+
+
+@dataclass
+class TuneOutcome:
+    """What the pipeline produced, for the CLI to print."""
+
+    profile: Profile
+    out: Path
+    model: str
+    storage: str
+    study: str
+    stage1: Stage1Result
+    stage2: Stage2Result | None
+    race: RaceResult | None
+    shipped: str  # "default" | a race contender name | "stage 1 (unraced)"
+    assignment: Any  # stage1.Assignment of the shipped recipes
+    lr: LrChoice
+    state: dict[str, Any]
+    artifacts: dict[str, str]
+    notes: list[str]
+
+
+def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutcome:
+    """Run (or resume) the pipeline and write the profile. Raises TuneError and the loaders' one-line errors."""
+    ui = reporter or Silent()
+    request.check()
+    spectra, model, inputs = _source(request)
+    out = request.out if request.out is not None else Path(f"{safe_name(model)}.profile.json")
+    storage = request.storage or default_storage(out)
+
+    def build(seed: int = request.seed) -> Workload:
+        return build_workload(
+            model,
+            overrides=inputs["overrides"],
+            data=inputs["data"],
+            batch_size=request.batch_size,
+            seq_len=inputs["seq_len"],
+            seed=seed,
+            device=request.device,
+        )
+
+    workload = build()
+    shapes = {n: tuple(p.shape) for n, p in workload.model.named_parameters() if p.requires_grad}
+    fingerprint = fingerprint_of(shapes.items())
+    if spectra is not None and spectra.meta.get("fingerprint") not in (None, fingerprint):
+        raise TuneError(f"{request.source}: the spectra were captured on another model ({spectra.meta['fingerprint']})")
+    name = request.study_name or default_study_name(model, fingerprint)
+    bench = load_bench(request.bench_file) if request.bench_file is not None else None
+    grid = parse_grid(methods=request.methods, ranks=request.ranks) if (request.methods or request.ranks) else None
+    artifacts: dict[str, str] = {}
+    notes: list[str] = []
+
+    capture_key = _digest(
+        {
+            "model": model,
+            "fingerprint": fingerprint,
+            **inputs,
+            "batch_size": request.batch_size,
+            "seed": request.seed,
+            "steps": request.capture_steps,
+            "device": request.device.type,
+        }
+    )
+    spectra_path = out.with_name(out.stem + ".spectra.pt")
+    bench_path = out.with_name(out.stem + ".bench.json")
+    if spectra is None and bench is None:
+        spectra = _reusable_spectra(spectra_path, capture_key)
+        if spectra is not None:
+            ui.stage(f"1/5 capture: reusing {spectra_path} (made for the same inputs)")
+        else:
+            ui.stage(f"1/5 capture: {request.capture_steps} training steps of {model} for its spectra")
+            with ui.track("capture", request.capture_steps) as update:
+                spectra = capture_spectra(
+                    workload,
+                    steps=request.capture_steps,
+                    every=max(1, request.capture_steps),
+                    seed=request.seed,
+                    on_step=lambda step, loss: update(step),
+                    command=request.command,
+                )
+            spectra.meta["tune_inputs"] = capture_key
+            save_spectra(spectra, spectra_path)
+        artifacts["spectra"] = str(spectra_path)
+    if bench is None:
+        assert spectra is not None
+        bench_key = _digest(
+            {
+                "spectra": spectra.meta.get("tune_inputs") or capture_key,
+                "methods": request.methods,
+                "ranks": request.ranks,
+                "device": str(request.device),
+            }
+        )
+        bench = _reusable_bench(bench_path, bench_key)
+        if bench is not None:
+            ui.stage(f"2/5 bench: reusing {bench_path} (made for the same spectra and grid)")
+        else:
+            ui.stage(f"2/5 bench: orthogonalizer cost and accuracy on {request.device}")
+            with ui.track("bench", 1) as update:
+                bench = run_bench(
+                    spectra,
+                    device=request.device,
+                    grid=grid,
+                    command=request.command,
+                    progress=lambda phase, detail, done, total: update(done, total=max(total, 1)),
+                )
+            bench.meta["tune_inputs"] = bench_key
+            save_bench(bench, bench_path)
+        artifacts["bench"] = str(bench_path)
+    check_bench_matches(bench, spectra, fingerprint)
+
+    ui.stage(f"3/5 orthogonalizers: Optuna studies in {storage}")
+    with ui.track("stage 1 trials", request.trials) as update:
+        s1 = tune_stage1(
+            bench,
+            spectra,
+            storage=storage,
+            study_name=name,
+            fingerprint=fingerprint,
+            model=model,
+            trials=request.trials,
+            seed=request.seed,
+            target_alignment=request.target_alignment,
+            time_budget_s=request.time_budget_s,
+            floor=request.floor,
+            state_budget=request.state_budget,
+            on_trial=lambda study, trial: update(len(finished_trials(study, searched_only=True))),
+        )
+        update(request.trials)
+    notes.extend(s1.notes)
+
+    s2 = None
+    lr = LrChoice()
+    if request.lr_trials > 0:
+        every = request.eval_every or max(1, request.lr_steps // 4)
+        ui.stage(
+            f"4/5 learning rates of the default recipe: {request.lr_trials} trials x {request.lr_steps} steps, "
+            f"study {name}-lr"
+        )
+        base_configs = {m.name: m.option(s1.baseline.picks[m.name]).config for m in s1.menus}
+        with ui.track("stage 2 trials", request.lr_trials) as update:
+            s2 = tune_stage2(
+                build,
+                s1.menus,
+                base_configs,
+                storage=storage,
+                study_name=name,
+                fingerprint=fingerprint,
+                model=model,
+                trials=request.lr_trials,
+                steps=request.lr_steps,
+                eval_every=every,
+                seed=request.seed,
+                pruner=request.pruner,
+                on_trial=lambda study, trial: update(len(finished_trials(study))),
+            )
+        lr = s2.choice
+
+    race: RaceResult | None = None
+    candidates = pick_candidates(s1.front, s1.baseline, s1.choice, request.race.candidates)
+    momentum = {n: t for n, t in spectra.captures[-1].momentum.items()} if spectra is not None else None
+    contenders = build_contenders(s1.menus, s1.baseline, candidates, lr, momentum, request.race.match_update_size)
+    if request.race.candidates > 0 and candidates:
+        race = _race(request, ui, build, contenders, s1, storage, name, fingerprint, model)
+        shipped = race.winner
+        notes.append(race.reason)
+        if race.fell_back and s1.state_budget is not None and s1.baseline.state_bytes > s1.state_budget:
+            # The default does not fit a binding memory budget: ship the candidate that lost least, flagged.
+            ran = [r for r in race.rows if r.comparison is not None and not r.diverged]
+            if not ran:
+                raise TuneError("every race candidate within the memory budget diverged: no profile written")
+            best = min(ran, key=lambda r: r.comparison.mean_diff if r.comparison else float("inf"))
+            shipped = best.name
+            notes.append(
+                f"the default recipe does not fit --state-memory-budget: shipping {best.name}, the candidate within "
+                f"it that lost least ({best.comparison.describe() if best.comparison else 'n/a'}); it did NOT pass"
+            )
+        shipped_contender = next(c for c in contenders if c.name == shipped)
+    elif request.race.candidates > 0:
+        shipped_contender = contenders[0]
+        shipped = "default"
+        notes.append("stage 1 found no profile predicted faster than the default: the default recipe ships")
+    else:
+        # --race-candidates 0: the stage-1 pick ships without proof (said so in the profile and on screen)
+        unraced = build_contenders(s1.menus, s1.baseline, [s1.choice], lr, momentum, request.race.match_update_size)
+        shipped_contender = unraced[-1] if s1.choice.picks != s1.baseline.picks else unraced[0]
+        shipped = "stage 1 (unraced)"
+        notes.append("race skipped (--race-candidates 0): this profile is unproven in training")
+
+    state = state_summary(
+        shipped_contender.assignment, s1.baseline, request.state_budget, _adamw_state_bytes(workload.model, shapes)
+    )
+    lr_info = {**lr.to_json(), "scales": _layer_scales(shipped_contender)}
+    study_info = {
+        "storage": storage,
+        "stage1": s1.study_name,
+        "stage2": s2.study_name if s2 else None,
+        "race": race.study_name if race else None,
+        "trials": request.trials,
+        "lr_trials": request.lr_trials,
+        "lr_steps": request.lr_steps,
+        "lr_tuned_on": "default recipe (applied to every race contender)",
+        "seed": request.seed,
+        "target_alignment": request.target_alignment,
+        "time_budget_ms": request.time_budget_s * 1e3 if request.time_budget_s is not None else None,
+        "state_memory_budget": request.state_budget,
+        "choice_source": s1.choice.source,
+        "shipped": shipped,
+        "baseline_time_ms": s1.baseline.time_s * 1e3,
+        "baseline_alignment": s1.baseline.quality,
+        "lr_val_loss": s2.best_value if s2 else None,
+        "lr_default_val_loss": s2.default_value if s2 else None,
+        "update_size_factors": shipped_contender.update_factors or None,
+    }
+    meta = bench.meta.get("device") or {}
+    profile = build_profile(
+        model=model,
+        fingerprint=fingerprint,
+        num_parameters=sum(p.numel() for p in workload.model.parameters()),
+        shapes=shapes,
+        menus=s1.menus,
+        choice=shipped_contender.assignment,
+        lr=lr_info,
+        device={"type": meta.get("backend", request.device.type), "name": meta.get("name")},
+        command=request.command,
+        study=study_info,
+        notes="; ".join(notes) or None,
+        state=state,
+        race=race.to_json() if race is not None else None,
+    )
+    save_profile(profile, out)
+    return TuneOutcome(
+        profile,
+        out,
+        model,
+        storage,
+        name,
+        s1,
+        s2,
+        race,
+        shipped,
+        shipped_contender.assignment,
+        lr,
+        state,
+        artifacts,
+        notes,
+    )
+
+
+def _race(
+    request: TuneRequest,
+    ui: Reporter,
+    build: Callable[[int], Workload],
+    contenders: list[Contender],
+    s1: Stage1Result,
+    storage: str,
+    name: str,
+    fingerprint: str,
+    model: str,
+) -> RaceResult:
+    opts = request.race
+    ui.stage(
+        f"5/5 race: default + {len(contenders) - 1} candidates, {opts.seeds} paired seeds, horizons "
+        f"{'/'.join(str(h) for h in opts.horizons())} steps, margin {opts.margin:g} nats"
+    )
+    with ui.track("race runs", 1) as update:
+
+        def on_event(event: RaceEvent) -> None:
+            if event.kind == "plan":
+                update(0, total=event.total)
+            elif event.kind == "done":
+                update(event.done)
+
+        return run_race(
+            build,
+            contenders,
+            options=opts,
+            menus=s1.menus,
+            storage=storage,
+            study_name=name,
+            fingerprint=fingerprint,
+            model=model,
+            seed=request.seed,
+            progress=on_event,
+        )
+
+
+def _layer_scales(contender: Contender) -> dict[str, float]:
+    return {n: float(entry["lr_scale"]) for n, entry in contender.profile["layers"].items()}
+
+
+def _source(request: TuneRequest) -> tuple[Spectra | None, str, dict[str, Any]]:
+    """The spectra (when SOURCE is a spectra file), the model spec, and the data inputs."""
+    inputs = {"overrides": dict(request.overrides), "data": request.data, "seq_len": request.seq_len}
+    path = Path(request.source)
+    if not path.is_file():
+        return None, request.source, inputs
+    spectra = load_spectra(path)
+    meta = spectra.meta.get("model", {})
+    inputs["overrides"] = inputs["overrides"] or dict(meta.get("overrides") or {})
+    inputs["data"] = request.data if request.data is not None else meta.get("data_option")
+    inputs["seq_len"] = request.seq_len if request.seq_len is not None else meta.get("seq_len")
+    return spectra, str(meta.get("spec")), inputs
+
+
+def _reusable_spectra(path: Path, key: str) -> Spectra | None:
+    if not path.is_file():
+        return None
+    try:
+        spectra = load_spectra(path)
+    except ValueError:
+        return None
+    return spectra if spectra.meta.get("tune_inputs") == key else None
+
+
+def _reusable_bench(path: Path, key: str) -> BenchResult | None:
+    if not path.is_file():
+        return None
+    try:
+        bench = load_bench(path)
+    except ValueError:
+        return None
+    return bench if bench.meta.get("tune_inputs") == key else None
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _adamw_state_bytes(model: Any, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """State of the AdamW-routed parameters (fixed by the model: no profile changes it), float32."""
+    from ..optim.routing import route_module
+    from ..optim.state_memory import plans_state_bytes
+    from ..profile import resolve_layers
+
+    try:
+        return plans_state_bytes(resolve_layers(None, shapes, route_module(model)).values())["adamw"]
+    except ValueError:  # informational only: a routing problem surfaces when the profile is used
+        return None
+
+
+__all__ = ["Reporter", "Silent", "TuneOutcome", "TuneRequest", "run_tune"]
