@@ -266,6 +266,7 @@ class RaceResult:
             "study": self.study_name,
             "winner": self.winner,
             "fallback": self.fell_back,
+            "runs_done_now": self.runs_done_now,
             "reason": self.reason,
             "timing": self.timing,
             "table": [r.to_json() for r in self.rows],
@@ -493,10 +494,13 @@ def run_race(
     finalists = [c for c in alive if rows[c.name].passes]
     timed = [default, *(c for c in alive if not rows[c.name].diverged)]
     notify(RaceEvent("timing", message=", ".join(c.name for c in timed)))
-    timer = time_steps or _default_timer
-    timing = timer(
-        build(seed), {c.name: c.profile for c in timed}, rounds=options.timing_rounds, adamw_lr=options.adamw_lr
-    )
+    # Measured once per race and stored with it: a resumed race, or a second worker, takes the same decision.
+    timing = study.user_attrs.get("timing")
+    if timing is None or set(timing.get("median_ms", {})) != {c.name for c in timed}:
+        timer = time_steps or _default_timer
+        timing = timer(build(seed), {c.name: c.profile for c in timed}, rounds=options.timing_rounds,
+                       adamw_lr=options.adamw_lr)  # fmt: skip
+        study.set_user_attr("timing", timing)
     base_ms = timing["median_ms"]["default"]
     for c in timed:
         row = rows[c.name]

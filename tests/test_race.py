@@ -1,0 +1,296 @@
+"""Stage 3, the race: successive-halving order, the verdict and the fallback on planted losses, resume after
+Ctrl-C with no finished run lost, matched update size, bad options, and a real race through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from muonprof.cli import app
+from muonprof.ortho import OrthoConfig
+from muonprof.profile import load_profile
+from muonprof.train import EvalPoint
+from muonprof.tune import TuneError
+from muonprof.tune import stage1 as s1
+from muonprof.tune.race import (
+    Contender,
+    JobResult,
+    RaceOptions,
+    build_contenders,
+    pick_candidates,
+    run_race,
+    update_size_factors,
+)
+from muonprof.tune.space import BASELINE_LABEL, LayerMenu, Option
+from muonprof.tune.stage2 import LrChoice
+
+runner = CliRunner()
+JORDAN5 = OrthoConfig()
+POLAR5 = OrthoConfig(coefficients="polar_express")
+JORDAN3 = OrthoConfig(ns_steps=3)
+LOWRANK = OrthoConfig(method="lowrank", rank=2)
+
+
+def menus() -> list[LayerMenu]:
+    options = [
+        Option(BASELINE_LABEL, JORDAN5, 5.0, 0.80),
+        Option("pe5", POLAR5, 4.0, 0.90),
+        Option("j3", JORDAN3, 3.0, 0.70),
+        Option("lr2", LOWRANK, 1.0, 0.50),
+    ]
+    return [LayerMenu(name, (8, 8), "linear", 1.0, list(options)) for name in ("a", "b")]
+
+
+def contenders(planted: dict[str, float]) -> list[Contender]:
+    """The default plus one candidate per label in ``planted`` (every layer on that label)."""
+    ms = menus()
+    base = s1.baseline(ms)
+    cands = [s1.evaluate(ms, {m.name: label for m in ms}, label) for label in planted]
+    return build_contenders(ms, base, cands, LrChoice(), None)
+
+
+class Planted:
+    """A fake trainer: val loss = 3 - step/1000 + offset(contender) + noise(contender, seed); records calls."""
+
+    def __init__(self, offsets: dict[str, float], noise: dict[str, list[float]], every: int) -> None:
+        self.offsets, self.noise, self.every = offsets, noise, every
+        self.calls: list[tuple[str, int, int]] = []
+        self.interrupt_at: int | None = None
+
+    def __call__(self, contender: Contender, seed: int, horizon: int) -> JobResult:
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.calls.append((contender.name, seed, horizon))
+        offset = self.offsets.get(contender.name, 0.0)
+        noise = self.noise.get(contender.name, [0.0, 0.0, 0.0])[seed]
+        evals = [
+            EvalPoint(k, k * 0.01, 3.0 - k / 1000 + (offset + noise) * (k > 0))
+            for k in range(0, horizon + 1, self.every)
+        ]
+        return JobResult(evals, None, 0.001, 0.01, horizon * 0.01)
+
+
+def timer(ms: dict[str, float]) -> object:
+    def time_steps(workload: object, profiles: dict[str, object], **kwargs: object) -> dict[str, object]:
+        return {"median_ms": {name: ms[name] for name in profiles}, "amdahl_bound": 2.0}
+
+    return time_steps
+
+
+def race(tmp_path: Path, cs: list[Contender], trainer: Planted, options: RaceOptions, ms: dict[str, float]) -> object:
+    return run_race(  # type: ignore[return-value]
+        lambda seed: None,  # type: ignore[arg-type,return-value]
+        cs, options=options, menus=menus(), storage=f"sqlite:///{tmp_path / 'race.db'}", study_name="t",
+        fingerprint="sha256:x", model="toy", train_fn=trainer, time_steps=timer(ms),
+    )  # fmt: skip
+
+
+OPTS = RaceOptions(candidates=3, seeds=3, steps=40, rungs=3, eta=2, eval_every=10, margin=0.01)
+
+
+def test_successive_halving_order_and_the_fastest_passer_wins(tmp_path: Path) -> None:
+    # pe5 ties the default, j3 is a little worse (inconclusive), lr2 is far worse (eliminated at once)
+    cs = contenders({"pe5": 0.0, "j3": 0.004, "lr2": 0.2})
+    names = {c.assignment.source: c.name for c in cs[1:]}
+    trainer = Planted(
+        {names["pe5"]: 0.0, names["j3"]: 0.004, names["lr2"]: 0.2},
+        {names["pe5"]: [0.001, -0.001, 0.0005], names["j3"]: [0.006, -0.004, 0.01]},
+        every=10,
+    )
+    ms = {"default": 10.0, names["pe5"]: 8.0, names["j3"]: 6.0, names["lr2"]: 2.0}
+    result = race(tmp_path, cs, trainer, OPTS, ms)
+    assert OPTS.horizons() == [10, 20, 40]
+    # The default trains once per seed to the full horizon, first; then every rung in turn.
+    assert trainer.calls[:3] == [("default", s, 40) for s in range(3)]
+    rung0 = {c for c, _, h in trainer.calls if h == 10}
+    rung1 = {c for c, _, h in trainer.calls if h == 20}
+    rung2 = {c for c, _, h in trainer.calls if h == 40 and c != "default"}
+    assert rung0 == {names["pe5"], names["j3"], names["lr2"]}
+    assert rung1 == {names["pe5"], names["j3"]}  # lr2 shown worse at rung 0: dropped; 2 = ceil(3 / 2) survive
+    assert rung2 == {names["pe5"]}  # ceil(2 / 2) = 1 goes on: the lower bound wins the place
+    assert result.row(names["lr2"]).eliminated_at == 10 and "worse" in result.row(names["lr2"]).verdict
+    assert result.row(names["j3"]).eliminated_at == 20
+    pe = result.row(names["pe5"])
+    assert pe.passes and pe.comparison is not None and pe.comparison.verdict == "non-inferior"
+    assert result.winner == names["pe5"] and not result.fell_back
+    assert pe.measured_speedup == pytest.approx(10 / 8)
+    assert pe.steps_to_target == [None, 40, None]  # only where its seed's loss got at or below the default's
+    table = result.to_json()
+    assert table["winner"] == names["pe5"] and {r["name"] for r in table["table"]} == {c.name for c in cs}
+    json.dumps(table)  # strict JSON-able
+
+
+def test_fallback_when_no_candidate_is_non_inferior(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.05, "j3": 0.03})
+    trainer = Planted({c.name: 0.05 if i == 1 else 0.03 for i, c in enumerate(cs[1:], 1)},
+                      {c.name: [0.001, -0.002, 0.003] for c in cs[1:]}, every=10)  # fmt: skip
+    result = race(tmp_path, cs, trainer, RaceOptions(candidates=2, seeds=3, steps=20, rungs=1, eval_every=10),
+                  {c.name: 1.0 for c in cs})  # fmt: skip
+    assert result.fell_back and result.winner == "default"
+    assert "no candidate was non-inferior" in result.reason
+    assert all(not r.passes for r in result.rows)
+
+
+def test_a_passer_that_measures_no_faster_does_not_ship(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.0})
+    trainer = Planted({}, {}, every=10)
+    result = race(tmp_path, cs, trainer, RaceOptions(candidates=1, seeds=3, steps=10, rungs=1, eval_every=10),
+                  {"default": 5.0, cs[1].name: 5.5})  # fmt: skip
+    assert result.row(cs[1].name).passes and result.fell_back and "no faster" in result.reason
+
+
+def test_one_seed_gives_numbers_but_the_default_ships(tmp_path: Path) -> None:
+    cs = contenders({"pe5": -0.1})
+    trainer = Planted({cs[1].name: -0.1}, {}, every=10)
+    result = race(tmp_path, cs, trainer, RaceOptions(candidates=1, seeds=1, steps=10, rungs=1, eval_every=10),
+                  {"default": 5.0, cs[1].name: 1.0})  # fmt: skip
+    row = result.row(cs[1].name)
+    assert row.comparison is not None and row.comparison.verdict == "one seed" and row.comparison.mean_diff < 0
+    assert result.fell_back and "one race seed" in result.reason
+
+
+def test_resume_after_ctrl_c_loses_no_finished_run(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.0, "j3": 0.004, "lr2": 0.2})
+    offsets = {c.name: o for c, o in zip(cs[1:], (0.0, 0.004, 0.2))}
+    first = Planted(offsets, {}, every=10)
+    first.interrupt_at = 5
+    ms = {c.name: 1.0 for c in cs} | {"default": 2.0}
+    with pytest.raises(KeyboardInterrupt):
+        race(tmp_path, cs, first, OPTS, ms)
+    assert len(first.calls) == 5
+    study_names = optuna.get_all_study_names(f"sqlite:///{tmp_path / 'race.db'}")
+    study = optuna.load_study(study_name=next(n for n in study_names if "-race-" in n),
+                              storage=f"sqlite:///{tmp_path / 'race.db'}")  # fmt: skip
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 5 and states.count(optuna.trial.TrialState.FAIL) == 1
+    second = Planted(offsets, {}, every=10)
+    resumed = race(tmp_path, cs, second, OPTS, ms)
+    assert not set(first.calls) & set(second.calls)  # nothing finished was run again
+    fresh = Planted(offsets, {}, every=10)
+    (tmp_path / "again").mkdir()
+    whole = race(tmp_path / "again", cs, fresh, OPTS, ms)
+    assert sorted(first.calls + second.calls) == sorted(fresh.calls)  # together: exactly one full race
+    assert resumed.runs_done_now == len(second.calls)
+    assert [r.to_json() for r in resumed.rows] == [r.to_json() for r in whole.rows]
+
+
+def test_pick_candidates_spreads_the_speedups_and_keeps_the_stage1_pick() -> None:
+    ms = menus()
+    base = s1.baseline(ms)
+    front = [s1.evaluate(ms, {"a": x, "b": y}, f"{x}/{y}") for x, y in
+             [("pe5", "pe5"), ("pe5", "j3"), ("j3", "j3"), ("j3", "lr2"), ("lr2", "lr2")]]  # fmt: skip
+    picked = pick_candidates(front, base, front[2], 3)
+    # the stage-1 pick, then the spread (mildest, log-middle, ...) until K are chosen; mildest first
+    assert picked == [front[0], front[2], front[3]]
+    assert pick_candidates(front, base, front[2], 0) == []
+    assert pick_candidates([base], base, base, 3) == []
+
+
+def test_matched_update_size_scales_lr_by_the_predicted_update_norm() -> None:
+    ms = menus()
+    s = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5, 0.3, 0.1, 0.05], dtype=torch.float64)
+    factors = update_size_factors(ms, {"a": "pe5", "b": "lr2"}, {"a": s, "b": s})
+    from muonprof.ortho.spectral import model_singular_values
+
+    jordan = float(model_singular_values(s, JORDAN5).norm())
+    polar = float(model_singular_values(s, POLAR5).norm())
+    assert factors["a"] == pytest.approx(jordan / polar) and factors["a"] < 1  # PE's update is bigger
+    assert factors["b"] > 1  # a rank-2 update is smaller than the full one
+    assert update_size_factors(ms, {"a": BASELINE_LABEL, "b": BASELINE_LABEL}, {"a": s, "b": s}) == {"a": 1, "b": 1}
+    candidate = s1.evaluate(ms, {"a": "pe5", "b": "lr2"})
+    cs = build_contenders(ms, s1.baseline(ms), [candidate], LrChoice(), {"a": s, "b": s})
+    assert cs[1].profile["layers"]["a"]["lr_scale"] == pytest.approx(factors["a"])
+    assert cs[0].profile["layers"]["a"]["lr_scale"] == 1.0
+    shared = build_contenders(ms, s1.baseline(ms), [s1.evaluate(ms, {"a": "pe5", "b": "lr2"})], LrChoice(),
+                              {"a": s, "b": s}, match_update_size=False)  # fmt: skip
+    assert shared[1].profile["layers"]["a"]["lr_scale"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (RaceOptions(seeds=0), "--race-seeds"),
+        (RaceOptions(margin=-0.01), "--max-loss-increase"),
+        (RaceOptions(margin=float("nan")), "--max-loss-increase"),
+        (RaceOptions(steps=4, rungs=1, eval_every=5), "shorter than one evaluation"),
+        (RaceOptions(steps=8, rungs=3, eval_every=4), "shorter than one evaluation"),
+    ],
+)
+def test_bad_race_options(options: RaceOptions, message: str) -> None:
+    with pytest.raises(TuneError, match=message):
+        options.check()
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real gpt2-tiny spectra and a small bench (few candidates, quick timing)."""
+    from muonprof.bench import GridSpec, run_bench, save_bench
+    from muonprof.capture import capture_spectra, save_spectra
+    from muonprof.workload import build_workload
+
+    root = tmp_path_factory.mktemp("race")
+    workload = build_workload("gpt2-tiny", batch_size=2, seq_len=16, seed=0)
+    spectra = capture_spectra(workload, steps=2, every=1)
+    grid = GridSpec(methods=("newton_schulz", "lowrank"), steps=(2, 5), schedules=("jordan",), dtypes=("bfloat16",),
+                    ranks=(4,), power_iters=(1,), explicit=frozenset({"dtypes"}))  # fmt: skip
+    bench = run_bench(spectra, device=torch.device("cpu"), grid=grid, seeds=1, probe=False,
+                      timing={"min_repeats": 1, "max_repeats": 2, "target_s": 0.0})  # fmt: skip
+    paths = {"spectra": root / "tiny.spectra.pt", "bench": root / "tiny.bench.json"}
+    save_spectra(spectra, paths["spectra"])
+    save_bench(bench, paths["bench"])
+    return paths
+
+
+def test_cli_race_writes_the_verdict_into_the_profile_and_resumes(tiny_files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    args = ["tune", str(tiny_files["spectra"]), "--bench", str(tiny_files["bench"]), "--trials", "10",
+            "--lr-trials", "0", "--batch-size", "2", "--race-candidates", "2", "--race-seeds", "2",
+            "--race-steps", "4", "--race-rungs", "2", "--race-eval-every", "2", "--out", str(out),
+            "--json"]  # fmt: skip
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    summary = json.loads(first.stdout)
+    race_json = summary["race"]
+    assert race_json["options"]["horizons"] == [2, 4] and race_json["seeds"] == [0, 1]
+    names = {row["name"] for row in race_json["table"]}
+    assert "default" in names and len(names) >= 2
+    assert summary["shipped"] == race_json["winner"]
+    profile = load_profile(out)
+    recorded = profile.provenance.model_dump()["race"]
+    assert recorded["winner"] == race_json["winner"] and recorded["table"] == race_json["table"]
+    assert profile.provenance.study["race"] == race_json["study"]
+    if race_json["fallback"]:  # the default recipe everywhere
+        assert all(entry.method == "newton_schulz" and entry.ns_steps == 5 for entry in profile.layers.values())
+    # the same command again: every race run is found in the storage, none is re-run
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.stderr
+    rerun = json.loads(again.stdout)["race"]
+    assert rerun["table"] == race_json["table"] and rerun["timing"] == race_json["timing"]
+    assert race_json["runs_done_now"] > 0 and rerun["runs_done_now"] == 0
+    assert profile.provenance.study["race"] == rerun["study"]
+    table = runner.invoke(app, args[:-1])
+    assert table.exit_code == 0 and "stage 3: race" in table.stdout and "shipped:" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--race-seeds", "0"], "--race-seeds must be at least 1"),
+        (["--max-loss-increase", "-0.1"], "--max-loss-increase"),
+        (["--race-steps", "3", "--race-eval-every", "5"], "shorter than one evaluation"),
+    ],
+)
+def test_cli_bad_race_options_are_one_line_errors(
+    tiny_files: dict[str, Path], tmp_path: Path, extra: list[str], message: str
+) -> None:
+    out = tmp_path / "p.json"
+    args = ["tune", str(tiny_files["spectra"]), "--bench", str(tiny_files["bench"]), "--out", str(out), *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output and not out.exists() and not list(tmp_path.iterdir())
