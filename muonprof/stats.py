@@ -28,6 +28,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 PASSING = ("better", "non-inferior")
+# The loss increase (nats, per-seed mean of candidate - reference) a candidate may cost and still count as
+# non-inferior: one number for the tuner's race and ``validate --max-loss-increase``, so both judge alike.
+DEFAULT_MARGIN = 0.01
+DEFAULT_CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -63,16 +67,27 @@ class PairedComparison:
         )
 
 
+def check_margin(margin: float, name: str = "the margin") -> float:
+    """``margin`` as a float, or ValueError naming ``name`` (e.g. ``--max-loss-increase``): a negative margin
+    would demand a candidate be better to pass, and NaN/inf would make every verdict meaningless."""
+    try:
+        value = float(margin)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number >= 0, got {margin!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {margin}")
+    return value
+
+
 def paired_comparison(
-    candidate: Sequence[float], reference: Sequence[float], margin: float, confidence: float = 0.95
+    candidate: Sequence[float], reference: Sequence[float], margin: float, confidence: float = DEFAULT_CONFIDENCE
 ) -> PairedComparison:
     """Judge ``candidate`` against ``reference`` (same seeds, same order). Raises ValueError on bad input."""
     if len(candidate) != len(reference):
         raise ValueError(f"paired values need the same seeds: {len(candidate)} vs {len(reference)}")
     if not candidate:
         raise ValueError("no paired values")
-    if not (math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"the margin must be a finite number >= 0, got {margin}")
+    check_margin(margin)
     if not 0.5 <= confidence < 1:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
     diffs = tuple(float(c) - float(r) for c, r in zip(candidate, reference))
@@ -191,8 +206,11 @@ def _betacf(a: float, b: float, x: float) -> float:
 
 
 __all__ = [
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_MARGIN",
     "PASSING",
     "PairedComparison",
+    "check_margin",
     "first_reaching",
     "geometric_mean",
     "paired_comparison",

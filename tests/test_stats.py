@@ -78,3 +78,12 @@ def test_first_reaching_and_geometric_mean() -> None:
     assert first_reaching(evals, 9.0).step == 0
     assert geometric_mean([2.0, 0.5]) == pytest.approx(1.0)
     assert geometric_mean([]) is None
+
+
+def test_check_margin_names_the_option_and_the_default_is_one_number() -> None:
+    from muonprof.stats import DEFAULT_MARGIN, check_margin
+
+    assert DEFAULT_MARGIN == 0.01 and check_margin(0) == 0.0 and check_margin("0.05") == 0.05
+    for bad in (-1e-9, float("nan"), float("inf"), "x"):
+        with pytest.raises(ValueError, match="--max-loss-increase must be a finite number >= 0"):
+            check_margin(bad, "--max-loss-increase")  # type: ignore[arg-type]

@@ -204,21 +204,22 @@ def contender(name: str, finals: list[float], diverged: bool = False) -> Contend
     return ContenderRuns(name, {}, runs)
 
 
-def test_seed_spread_and_tie_rule() -> None:
+def test_seed_spread_is_kept_and_the_verdict_is_paired() -> None:
+    """The spread numbers stay in the rows; the verdict is the paired rule against the reference (the old
+    unpaired tie rule is gone: see tests/test_validate_verdict.py for every verdict)."""
     seeds = [0, 1, 2]
     clear = summarize({"a": contender("a", [1.0, 1.1, 1.2]), "b": contender("b", [2.0, 2.1, 2.2])}, seeds)
     v = clear["verdicts"]["final_val_loss"]
-    assert v["best"] == "a" and v["call"] == "win" and v["margin"] == pytest.approx(1.0)
+    assert clear["reference"] == "a" and v["reference"] == "a" and list(v["pairs"]) == ["b"]
+    assert v["pairs"]["b"]["verdict"] == "worse" and v["pairs"]["b"]["mean_diff"] == pytest.approx(1.0)
     assert clear["rows"]["a"]["final_val_loss"]["std"] == pytest.approx(0.1)
-    assert "a wins" in verdict_line(v)
-    close = summarize({"a": contender("a", [1.0, 1.1, 1.2]), "b": contender("b", [1.05, 1.2, 1.25])}, seeds)
-    v = close["verdicts"]["final_val_loss"]
-    assert v["call"] == "tie" and v["tied_with"] == ["b"] and "tie" in verdict_line(v)
+    assert "b worse" in verdict_line(v)
     one = summarize({"a": contender("a", [1.0]), "b": contender("b", [1.01])}, [0])
     v = one["verdicts"]["equal_wall_val_loss"]
-    assert v["best"] == "a" and v["call"] == "lowest (one seed)" and "no tie called" in verdict_line(v)
+    assert v["pairs"]["b"]["verdict"] == "one seed" and "no verdict" in verdict_line(v)
     dead = summarize({"a": contender("a", [5.0]), "b": contender("b", [1.0], diverged=True)}, [0])
-    assert dead["verdicts"]["final_val_loss"]["best"] == "a" and dead["rows"]["b"]["final_val_loss"] is None
+    assert dead["verdicts"]["final_val_loss"]["pairs"]["b"]["verdict"] == "diverged"
+    assert dead["rows"]["b"]["final_val_loss"] is None
 
 
 # ------------------------------------------------------------------------------------ divergence, file
@@ -233,7 +234,11 @@ def test_divergence_is_marked_and_others_finish(tmp_path: Path) -> None:
     assert statuses["default"] == "ok" and result.contenders["default"].runs[0].steps_done == 6
     rows = result.summary["rows"]
     assert rows["profile"]["final_val_loss"] is None and rows["profile"]["equal_wall_val_loss"] is None
-    assert result.summary["verdicts"]["final_val_loss"]["best"] == "default"
+    assert result.summary["reference"] == "default"
+    pairs = result.summary["verdicts"]["final_val_loss"]["pairs"]
+    assert pairs["profile"]["verdict"] == pairs["adamw"]["verdict"] == "diverged"
+    to_target = result.summary["to_target"]["contenders"]
+    assert to_target["profile"]["reached"] == 0 and to_target["profile"]["per_seed"]["0"]["note"].startswith("diverged")
     path = save_results(result, tmp_path / "r.json")
     json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     back = load_results(path)
@@ -302,7 +307,7 @@ def test_cli_json_plot_and_file(app: typer.Typer, tmp_path: Path) -> None:
     assert code == 0, err
     doc = json.loads(stdout)
     assert list(doc["contenders"]) == ["profile", "default", "adamw"]
-    assert doc["summary"]["verdicts"]["final_val_loss"]["best"] in doc["contenders"]
+    assert doc["summary"]["verdicts"]["final_val_loss"]["reference"] == doc["summary"]["reference"] == "default"
     assert doc["files"] == {"results": str(out), "plot": str(plot)}
     assert "runs" not in doc["contenders"]["profile"]  # curves live in the file
     assert load_results(out).contenders["adamw"].runs[0].steps_done == 4

@@ -2,7 +2,8 @@
 
 Races ``profile`` (ProfiledMuon with your profile) against ``default`` (ProfiledMuon's defaults = torch's
 Muon algorithm), ``torch`` (torch.optim.Muon + AdamW) and ``adamw`` on the same init and the same batches,
-at equal steps and at equal wall-clock, over one or more seeds; see ``results`` for the rules.
+at equal steps and at equal wall-clock, over one or more seeds, and judges each against a reference contender
+by paired seeds (``muonprof.stats``), with steps- and time-to-target; see ``results`` for the rules.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .results import (
     ContenderRuns,
     ResultsFormatError,
     ValidationResult,
+    choose_reference,
     equal_wall_clock,
     load_results,
     save_results,
@@ -50,6 +52,7 @@ __all__ = [
     "adamw_lr_for",
     "build_contender",
     "check_distributed",
+    "choose_reference",
     "default_eval_every",
     "equal_wall_clock",
     "load_results",

@@ -23,10 +23,11 @@ import torch
 
 from .._version import __version__
 from ..profile import fingerprint, load_profile
+from ..stats import DEFAULT_MARGIN, check_margin
 from ..train import RankSync, TrainResult, train
 from ..workload import Workload, build_workload
 from .contenders import ContenderSkipped, build_contender, parse_contenders
-from .results import ContenderRuns, ValidationResult
+from .results import ContenderRuns, ValidationResult, choose_reference
 
 
 def single_process() -> dict[str, Any]:
@@ -96,6 +97,8 @@ def validate(
     clock: Callable[[], float] = time.perf_counter,
     command: str | None = None,
     distributed: DistributedRun | None = None,
+    reference: str | None = None,
+    margin: float = DEFAULT_MARGIN,
 ) -> ValidationResult:
     """Train ``spec`` once per (seed, contender) and return the runs with their summary.
 
@@ -104,7 +107,8 @@ def validate(
     Raises ValidationError, ContenderError, ProfileError, ModelSpecError, DataError, WorkloadError (all
     before training, except a time budget shorter than the first step, raised after that step).
     ``distributed``: run as one rank of ``validate --nproc N`` (see ``validate.distributed``); every rank
-    calls this with the same arguments.
+    calls this with the same arguments. ``reference``: the contender the others are judged against (default:
+    ``default`` when it runs, else the first); ``margin``: the loss increase (nats) still non-inferior.
     """
     if steps < 1:
         raise ValidationError(f"--steps must be at least 1, got {steps}")
@@ -114,6 +118,7 @@ def validate(
     if time_budget_s is not None and not time_budget_s > 0:
         raise ValidationError(f"--time-budget must be > 0 seconds, got {time_budget_s}")
     names = parse_contenders(contenders, with_profile=profile is not None)
+    reference, margin = check_judging(names, reference, margin)
     seed_values = seed_list(seeds, seed)
     device = torch.device(device)
     loaded_profile = load_profile(profile) if profile is not None else None
@@ -142,6 +147,8 @@ def validate(
             config["profile"] = _profile_label(profile)
         runs[name] = ContenderRuns(name, config)
         warm_step_s[name] = _warm_up(first, built.optimizer)
+    if reference is not None and runs[reference].skipped is not None:
+        raise ValidationError(f"--reference {reference!r} cannot run: {runs[reference].skipped}")
     if distributed is not None and warm_step_s:  # every rank must take the same decision: the slowest's
         warm_step_s = dict(zip(warm_step_s, distributed.sync.reduce(list(warm_step_s.values()), "max")))
     too_slow = {n: t for n, t in warm_step_s.items() if time_budget_s is not None and t >= time_budget_s}
@@ -155,6 +162,7 @@ def validate(
     meta["options"] = {k: v for k, v in options.items() if v is not None}
     meta["warmup_step_s"] = warm_step_s
     meta["distributed"] = single_process() if distributed is None else distributed.describe(first.batch_size)
+    meta["judging"] = {"reference": reference, "max_loss_increase": margin}
     del first, initial
 
     for s in seed_values:
@@ -170,8 +178,20 @@ def validate(
             )
     meta["cpu_load_after"] = _load_average()
     result = ValidationResult(meta, seed_values, runs)
-    result.summarize()
+    result.summarize(reference=reference, margin=margin)
     return result
+
+
+def check_judging(names: Sequence[str], reference: str | None, margin: float) -> tuple[str | None, float]:
+    """``(reference, margin)`` checked before any training: ValidationError (one line) for a ``--reference``
+    that is not among the contenders or a negative / non-finite ``--max-loss-increase``."""
+    try:
+        margin = check_margin(margin, "--max-loss-increase")
+        if reference is not None:
+            choose_reference(names, reference)
+    except ValueError as err:
+        raise ValidationError(str(err)) from None
+    return reference, margin
 
 
 def _workload(spec: str, seed: int, load: dict[str, Any], distributed: DistributedRun | None) -> Workload:
@@ -342,4 +362,12 @@ def _load_average() -> list[float] | None:
         return None
 
 
-__all__ = ["DEFAULT_STEPS", "ProgressEvent", "ValidationError", "default_eval_every", "seed_list", "validate"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "ProgressEvent",
+    "ValidationError",
+    "check_judging",
+    "default_eval_every",
+    "seed_list",
+    "validate",
+]
