@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..tune.race import DEFAULT_MARGIN
+from ..stats import DEFAULT_MARGIN
 from ._common import console, err_console, fail, safe_name
 
 

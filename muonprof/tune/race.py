@@ -52,7 +52,7 @@ from optuna.trial import TrialState
 from ..bench.candidates import Candidate, MomentumRank
 from ..ortho import OrthoConfig
 from ..ortho.spectral import model_singular_values, nonzero_mask
-from ..stats import PairedComparison, paired_comparison
+from ..stats import DEFAULT_MARGIN, PairedComparison, paired_comparison
 from ..train import EvalPoint, train
 from ..workload import Workload
 from .space import BASELINE_LABEL, LayerMenu, TuneError
@@ -60,7 +60,6 @@ from .stage1 import Assignment
 from .stage2 import DEFAULT_LR, LrChoice
 from .study import open_study
 
-DEFAULT_MARGIN = 0.01
 UPDATE_FACTOR_RANGE = (0.1, 10.0)  # matched-update-size lr factors are clipped to this (degenerate spectra)
 
 
