@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ._version import __version__
 from .commands._common import console, err_console, fail
@@ -23,7 +24,6 @@ app = typer.Typer(
 )
 profile_app = typer.Typer(help="Check and inspect muonprof JSON profiles.", no_args_is_help=True)
 app.add_typer(profile_app, name="profile")
-
 
 
 def _version_callback(value: bool) -> None:
@@ -161,6 +161,7 @@ def profile_show(
         "ortho_time_ms": total if timed else None,
         "baseline_time_ms": base if timed else None,
         "speedup": base / total if timed and total > 0 else None,
+        "race": (profile.provenance.model_dump().get("race") if profile.provenance else None),
     }
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
@@ -189,6 +190,14 @@ def profile_show(
             f"orthogonalization per step: {total:.4g} ms vs {base:.4g} ms with the default "
             f"({base / total:.2f}x) on {device}"
         )
+    race = summary["race"]
+    if race:
+        from .commands.tune import race_table
+
+        console.print(race_table(race))
+        console.print(Text(f"race: {race.get('reason', '')}"))
+    elif profile.provenance is not None and profile.provenance.study:
+        console.print(Text("race: none recorded (this profile was not proven in training by muonprof tune)"))
 
 
 def _recipe_text(recipe: dict[str, Any]) -> str:

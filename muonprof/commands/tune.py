@@ -223,7 +223,7 @@ def tune_command(
             highlight=False,
         )
     if race is not None:
-        console.print(_race_table(race))
+        console.print(race_table(race.to_json()))
     console.print(_state_line(outcome.state), highlight=False)
     for note in outcome.notes:
         console.print(Text("note: ", style="yellow") + Text(note))
@@ -257,46 +257,41 @@ class _Reporter:
             yield update
 
 
-def _race_table(race: Any) -> Table:
-    opts = race.options
+def race_table(race: dict[str, Any]) -> Table:
+    """The stage-3 table from a race's JSON (``RaceResult.to_json()``, as the profile records it)."""
+    opts = race["options"]
     table = Table(
-        title=f"stage 3: race at {opts.steps} steps, {opts.seeds} paired seeds, margin {opts.margin:g} nats "
+        title=f"stage 3: race at {opts['steps']} steps, {opts['seeds']} paired seeds, margin {opts['margin']:g} nats "
         "(Δ = candidate − default val loss)"
     )
-    for col in (
-        "",
-        "contender",
-        "predicted",
-        "measured step",
-        "Δ val loss",
-        "95% bound",
-        "verdict",
-        "horizon",
-        "steps to target",
-    ):
+    columns = ("", "contender", "predicted", "measured step", "Δ val loss", "95% bound", "verdict", "horizon",
+               "steps to target")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="left" if col in ("", "contender", "verdict") else "right")
-    for row in race.rows:
-        mark = "→" if row.name == race.winner else ""
-        c = row.comparison
-        measured = (
-            f"{row.measured_step_ms:.3g} ms"
-            + (f" ({row.measured_speedup:.2f}x)" if row.measured_speedup and row.name != "default" else "")
-            if row.measured_step_ms
-            else "-"
-        )
-        reached = [s for s in row.steps_to_target if s is not None]
+    for row in race["table"]:
+        default = row["name"] == "default"
+        measured = "-"
+        if row.get("measured_step_ms"):
+            measured = f"{row['measured_step_ms']:.3g} ms"
+            if not default and row.get("measured_speedup"):
+                measured += f" ({row['measured_speedup']:.2f}x)"
+        reached = sorted(s for s in row.get("steps_to_target") or [] if s is not None)
+        if default:
+            to_target = "-"
+        elif reached:
+            to_target = f"{len(reached)}/{len(row['steps_to_target'])} seeds, median {reached[len(reached) // 2]}"
+        else:
+            to_target = "not reached"
         table.add_row(
-            mark,
-            f"{row.name} {_methods(row.methods)}",
-            f"{row.predicted_speedup:.2f}x" if row.name != "default" else "1.00x",
+            "→" if row["name"] == race["winner"] else "",
+            Text(f"{row['name']} {_methods(row['methods'])}"),
+            f"{row['predicted_speedup']:.2f}x",
             measured,
-            f"{c.mean_diff:+.4f}" if c else "-",
-            f"{c.upper_bound:+.4f}" if c and c.upper_bound is not None else "-",
-            row.verdict,
-            str(row.horizon or "-"),
-            f"{len(reached)}/{len(row.steps_to_target)} seeds, median {sorted(reached)[len(reached) // 2]}"
-            if reached
-            else ("-" if row.name == "default" else "not reached"),
+            f"{row['paired_delta']:+.4f}" if row.get("paired_delta") is not None else "-",
+            f"{row['bound']:+.4f}" if row.get("bound") is not None else "-",
+            row["verdict"],
+            str(row.get("horizon") or "-"),
+            to_target,
         )
     return table
 
