@@ -105,3 +105,48 @@ def test_bad_window_is_one_line_error() -> None:
         multistep_accuracy(torch.zeros(4, 5), None, OrthoConfig())
     with pytest.raises(ValueError, match="initial momentum has shape"):
         multistep_accuracy(torch.zeros(2, 4, 5), torch.zeros(5, 4), OrthoConfig())
+
+
+# ---------------------------------------------------------------- bench and stage 1
+
+
+def test_run_bench_adds_multistep_on_windowed_layers_and_stage1_ranks_by_it() -> None:
+    from types import SimpleNamespace
+
+    from test_bench import tiny_spectra
+
+    from muonprof.bench import parse_grid, run_bench
+    from muonprof.tune.space import build_menus
+
+    sp = tiny_spectra()
+    gen = torch.Generator().manual_seed(0)
+    sp.window = SimpleNamespace(  # type: ignore[attr-defined]
+        start_step=3,
+        grads={"a.weight": torch.randn(4, 24, 16, generator=gen), "c.weight": torch.randn(4, 32, 32, generator=gen)},
+        momentum={"a.weight": torch.randn(24, 16, generator=gen)},  # c.weight: none (starts from zero)
+    )
+    grid = parse_grid(
+        methods="newton_schulz,svd,lowrank,rsvd,error_feedback,subset",
+        ranks="4",
+        steps="3,5",
+        schedules="jordan",
+        power_iters="1",
+        dtypes="fp32",
+    )
+    result = run_bench(sp, device=torch.device("cpu"), grid=grid, seeds=1, probe=False, timing={"max_repeats": 1})
+    for name in ("a.weight", "c.weight"):
+        measured = {k: v for k, v in result.accuracy[name].items() if "alignment" in v}
+        assert measured and all("multistep_alignment" in v for v in measured.values()), name
+    assert not any("multistep_alignment" in v for v in result.accuracy["b.weight"].values())
+    acc = result.accuracy["a.weight"]
+    assert acc["svd"]["multistep_alignment"] == pytest.approx(1.0, abs=1e-5)
+    ef, plain = acc["lowrank-r4-power1-ns5-jordan-fp32-ef"], acc["lowrank-r4-power1-ns5-jordan-fp32"]
+    assert ef["alignment"] == plain["alignment"] and "same as" in ef["source"]  # one step: the same update
+    assert "Haar" in acc["subset-f0.25-ns5-jordan-fp32"]["source"]
+    assert any("multi-step accuracy on 2 layer(s)" in n for n in result.meta["notes"])
+    menus = {m.name: m for m in build_menus(result)}
+    for option in menus["a.weight"].options:
+        assert option.alignment == pytest.approx(acc[option.label]["multistep_alignment"])
+        assert option.one_step_alignment == pytest.approx(acc[option.label]["alignment_worst"])
+    for option in menus["b.weight"].options:
+        assert option.alignment == option.one_step_alignment
