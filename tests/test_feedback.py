@@ -271,3 +271,17 @@ def test_profile_refuses_bad_keys_naming_the_layer(entry: dict[str, Any], messag
     with pytest.raises(ProfileError, match=message) as info:
         ProfiledMuon(net, {"format": "muonprof.profile/1", "layers": {"4.weight": entry}})
     assert "4.weight" in str(info.value)
+
+
+def test_tune_writer_round_trips_the_new_keys() -> None:
+    """A tuned profile spells the candidate so that the optimizer resolves the same config."""
+    from muonprof.tune.writer import settings_of
+
+    for cfg in (
+        OrthoConfig(method="lowrank", rank=4, power_iters=1, error_feedback=True),
+        OrthoConfig(method="rsvd", rank=4, dtype="float32", error_feedback=True),
+        OrthoConfig(method="subset", fraction=0.25, core="svd", dtype="float32"),
+    ):
+        net = model()
+        opt = ProfiledMuon(net, {"format": "muonprof.profile/1", "layers": {"4.weight": settings_of(cfg)}})
+        assert opt.plans["4.weight"].ortho == cfg

@@ -16,6 +16,11 @@ LiMuon, per layer: ``momentum: "storm"`` replaces the EMA by M_t = g(x_t) + mu (
 same batch (``step(closure)``, two backward passes); ``momentum_rank: r`` keeps the momentum as rank-r
 factors and steps along their U V^T (``lowrank_momentum``).
 
+Error feedback (``error_feedback: true`` on a lowrank / rsvd layer) and Dion2-style subset orthogonalization
+(``method: "subset"``) keep what the update did not apply in the momentum and decay only the applied part:
+E_t = X_t - (1 - mu) A_t with X_t = E_{t-1} + (1 - mu) g_t (``momentum_rules``); at full rank / fraction 1
+that is the EMA step above to float rounding. Not yet under torch.distributed (refused at construction).
+
 Under torch.distributed each Muon layer's expensive part runs on one owner rank and the results are
 all-gathered (DDP), or gathered to and scattered from the owner (FSDP2): see ``distributed``.
 
