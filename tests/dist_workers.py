@@ -212,7 +212,21 @@ def _partly_sharded(rank: int) -> None:
     ProfiledMuon(model)
 
 
+def _ddp_error_feedback(rank: int) -> None:
+    ProfiledMuon(build_model(), profile({"0.weight": {"method": "lowrank", "rank": 4, "error_feedback": True}}))
+
+
+def _fsdp_subset(rank: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_fsdp_model()
+    fully_shard(model)
+    ProfiledMuon(model, profile({"2.weight": {"method": "subset", "fraction": 0.5}}))
+
+
 _scenarios = {
+    "ddp_error_feedback": _ddp_error_feedback,
+    "fsdp_subset": _fsdp_subset,
     "fsdp_low_rank_momentum": _fsdp_low_rank_momentum,
     "column_sharded": _column_sharded,
     "partly_sharded": _partly_sharded,

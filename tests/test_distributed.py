@@ -69,6 +69,8 @@ def test_fsdp2_rows_gathered_on_the_owner_match_single_process_bit_for_bit(tmp_p
         ("disagreeing_profiles", "ranks disagree on the profile"),
         ("disagreeing_lr", "ranks disagree on the profile or the optimizer settings"),
         ("storm_without_closure", "needs two gradients per step"),
+        ("ddp_error_feedback", "error_feedback / subset keep a momentum only the owner rank could update"),
+        ("fsdp_subset", "error_feedback / subset keep a momentum only the owner rank could update"),
     ],
 )
 def test_bad_distributed_setups_fail_on_every_rank(tmp_path: Path, scenario: str, expected: str) -> None:

@@ -11,6 +11,13 @@ Three sources, cheapest first (DESIGN.md, "Two facts that make tuning cheap"):
 - ``real matrix``: column selection is not rotation invariant (on diag(s) it would pick zero columns);
   it is measured only on the momentum matrix saved with ``--save-matrices``.
 
+Two more, for the approximations that keep the tail (``ortho.feedback``):
+
+- error feedback changes the momentum rule, not the step's update: its one-step figure is its plain twin's,
+  copied (``same as <label>``). Its benefit shows only over many steps (``bench.multistep``).
+- ``subset`` selects rows by norm, which is not rotation invariant: measured on the saved momentum when
+  there is one, else on Haar-rotated m x n matrices with the captured spectrum (``HAAR``), over seeds.
+
 ``model_check`` measures what the scalar model misses: bf16 round-off in real Newton-Schulz runs.
 
 For ``momentum_rank`` the measured update is ``polar_of_factors(*compress(M, r))``: one compression of the
@@ -32,13 +39,14 @@ from torch import Tensor
 from ..optim.lowrank_momentum import compress, polar_of_factors
 from ..ortho import OrthoConfig, orthogonalize, predict
 from ..ortho.exact import numerical_rank_mask
-from ..ortho.quality import matrix_with_spectrum
+from ..ortho.quality import haar_factors, matrix_with_spectrum
 from ..ortho.spectral import nonzero_mask
 from .candidates import Candidate, MomentumRank, candidate_label
 
 SPECTRAL = "spectral-model"
 REAL = "real matrix"
 NEEDS_MATRICES = "needs --save-matrices"
+HAAR = "simulated on Haar-rotated matrices with the captured spectrum"
 MEASURES = ("rel_err", "alignment", "sv_min", "sv_max")
 MODEL_CHECK_CONFIGS: tuple[OrthoConfig, ...] = (
     OrthoConfig(),  # Jordan x 5, bf16: the default
@@ -72,6 +80,8 @@ def source_for(config: Candidate) -> str:
     """Which of the three sources measures ``config`` (``simulated`` without its seed count)."""
     if isinstance(config, MomentumRank):
         return "simulated"
+    if config.method == "subset":
+        return HAAR
     if config.method in ("newton_schulz", "svd"):
         return SPECTRAL
     if config.method == "lowrank" and config.range_finder == "columns":
@@ -204,6 +214,43 @@ def real_matrix_accuracy(
     return _summarize(runs, REAL + (f" ({seeds} seeds)" if seeds > 1 else ""))
 
 
+def haar_accuracy(
+    s: Tensor, shape: tuple[int, int], config: OrthoConfig, *, seeds: int = 3, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """Run ``config`` on ``seeds`` m x n matrices U diag(s) V^T with Haar-random U, V (float32 storage).
+
+    For orthogonalizers that are not rotation invariant (subset's row selection by norm) when no real matrix
+    was saved: the spectrum is the captured one, the singular vectors are a guess (generic ones), so the
+    figure is what the spectrum allows on a typical matrix, not on this layer's. U V^T is known, so no SVD.
+    """
+    m, n = shape
+    k = min(m, n)
+    x = torch.sort(torch.as_tensor(s, dtype=torch.float64).clamp(min=0), descending=True).values
+    x = torch.cat([x[:k], x.new_zeros(max(0, k - x.numel()))])  # a spectrum of min(m, n) values
+    keep = nonzero_mask(x)
+    ref = math.sqrt(float(keep.sum()))
+    nuclear = float(x.sum())
+    sketch = torch.Generator(device=torch.device(device)).manual_seed(12345)
+    runs = []
+    for seed in range(seeds):
+        U, V = haar_factors(m, n, generator=torch.Generator().manual_seed(seed))
+        G = ((U * x) @ V.mT).to(device=device, dtype=torch.float32)
+        P = ((U * keep.to(U.dtype)) @ V.mT).to(device=device, dtype=torch.float32)
+        O = orthogonalize(G, config).float()
+        inner = float(torch.sum(G * O, dtype=torch.float64))
+        err = float(torch.linalg.matrix_norm(O - P))
+        sv = output_singular_values(O, k, sketch).cpu()
+        runs.append(_measures(inner, nuclear, err, ref, sv, int(keep.sum())))
+    return _summarize(runs, f"{HAAR} ({seeds} seeds)")
+
+
+def _plain_twin(config: Candidate) -> OrthoConfig | None:
+    """The same orthogonalizer without error feedback (whose one-step update it is), or None."""
+    if isinstance(config, OrthoConfig) and config.error_feedback:
+        return config.replace(error_feedback=False)
+    return None
+
+
 @flush_denormals()
 def layer_accuracy(
     s: Tensor,
@@ -213,19 +260,47 @@ def layer_accuracy(
     device: torch.device | str = "cpu",
     matrix: Tensor | None = None,
     tick: Callable[[], None] | None = None,
+    shape: tuple[int, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """label -> measures for every candidate on one layer (candidates must fit the layer's shape).
 
     ``matrix`` is the saved momentum (None: column selection is marked ``needs --save-matrices``).
-    Newton-Schulz's prediction does not depend on the dtype, so it is computed once per (steps, schedule).
+    ``shape`` is the layer's matrix shape, for the Haar simulation of subset (None: the saved matrix's, else
+    square k x k). Newton-Schulz's prediction does not depend on the dtype, so it is computed once per
+    (steps, schedule); an error-feedback candidate copies its plain twin's figures.
     """
     out: dict[str, dict[str, Any]] = {}
     model_cache: dict[str, dict[str, Any]] = {}
+    twins: dict[str, dict[str, Any]] = {}
     real: RealMatrix | None = None
+    if shape is None:
+        shape = tuple(matrix.shape) if matrix is not None else (len(s), len(s))  # type: ignore[assignment]
+    assert shape is not None
     for config in candidates:
         label = candidate_label(config)
+        twin = _plain_twin(config)
+        if twin is not None:
+            twin_label = candidate_label(twin)
+            if twin_label not in twins:
+                twins[twin_label] = layer_accuracy(s, [twin], seeds=seeds, device=device, matrix=matrix, shape=shape)[
+                    twin_label
+                ]
+            measures = dict(twins[twin_label])
+            if "alignment" in measures:
+                measures["source"] = f"same as {twin_label} (error feedback changes the momentum, not the update)"
+            out[label] = measures
+            if tick is not None:
+                tick()
+            continue
         source = source_for(config)
-        if source == SPECTRAL:
+        if source == HAAR:
+            assert isinstance(config, OrthoConfig)
+            if matrix is not None:
+                real = real or RealMatrix(matrix, device)
+                out[label] = real_matrix_accuracy(real, config, seeds=1, device=device)
+            else:
+                out[label] = haar_accuracy(s, shape, config, seeds=seeds, device=device)
+        elif source == SPECTRAL:
             assert isinstance(config, OrthoConfig)
             key = config.replace(dtype="float32").to_json()
             if key not in model_cache:

@@ -7,6 +7,12 @@ family (power range finder with 0-2 power iterations, column selection, randomiz
 of ranks, and LiMuon's low-rank momentum (``momentum_rank``) at the same ranks. Flags narrow it; the
 torch default (Jordan x 5, bf16) is always in, as the baseline every speed-up is measured against.
 
+Approximations that keep the tail (DESIGN.md): ``error_feedback`` adds, per rank, an error-feedback twin of
+lowrank (power, 1 iteration) and of rsvd (the momentum keeps what the rank-r update did not apply), and
+``subset`` adds Dion2-style subset orthogonalization at ``fractions`` (1/4 and 1/2 of the long side by
+default), both with the low-rank family's core and dtypes. Their one-step accuracy understates them: bench
+adds a multi-step figure when the spectra carry a gradient window (``bench.multistep``).
+
 ``momentum_rank`` is not an orthogonalizer but a different optimizer state: the momentum is kept as
 rank-r randomized-SVD factors and the update is U V^T straight from them (``optim.lowrank_momentum``).
 It replaces Newton-Schulz entirely, so bench treats it as one more candidate (a ``MomentumRank``, not an
@@ -30,13 +36,16 @@ from ..ortho.config import DTYPE_ALIASES, DTYPES
 
 BASELINE = OrthoConfig()  # torch.optim.Muon's default: 5 Jordan steps in bf16
 MOMENTUM_RANK = "momentum_rank"  # the low-rank-momentum family's name in --methods
-GRID_METHODS: tuple[str, ...] = (*METHODS, MOMENTUM_RANK)
+ERROR_FEEDBACK = "error_feedback"  # error-feedback twins of the low-rank candidates, in --methods
+GRID_METHODS: tuple[str, ...] = (*METHODS, MOMENTUM_RANK, ERROR_FEEDBACK)
 RANKED_METHODS = frozenset({"lowrank", "rsvd", MOMENTUM_RANK})
 DEFAULT_STEPS: tuple[int, ...] = tuple(range(1, 9))
 DEFAULT_SCHEDULES: tuple[str, ...] = ("jordan", "polar_express", "quintic", "cubic", "you")
 DEFAULT_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 DEFAULT_RANKS: tuple[int, ...] = (16, 32, 64, 128, 256)
 DEFAULT_POWER_ITERS: tuple[int, ...] = (0, 1, 2)
+DEFAULT_FRACTIONS: tuple[float, ...] = (0.25, 0.5)  # subset (Dion2): shares of the long side per step
+EF_POWER_ITERS = 1  # the power-iteration count of lowrank's error-feedback twin (one per rank, not per count)
 # The low-rank methods orthogonalize their small r x n core with the he2025 recipe (5 Jordan steps):
 # the core is where little time goes, so varying it would multiply the grid for nothing.
 CORE_STEPS = 5
@@ -112,6 +121,7 @@ class GridSpec:
     dtypes: tuple[str, ...] = DEFAULT_DTYPES
     ranks: tuple[int, ...] = DEFAULT_RANKS
     power_iters: tuple[int, ...] = DEFAULT_POWER_ITERS
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     explicit: frozenset[str] = field(default_factory=frozenset)
     # dtypes of the low-rank family; None: ``dtypes``. Unless --dtype is given, run_bench narrows it to
     # the dtype the device runs fastest: low-rank accuracy needs real (simulated) runs per layer and seed,
@@ -126,6 +136,7 @@ class GridSpec:
             "dtypes": list(self.dtypes),
             "ranks": list(self.ranks),
             "power_iters": list(self.power_iters),
+            "fractions": list(self.fractions),
             "lowrank_dtypes": list(self.lowrank_dtypes or self.dtypes),
             "explicit": sorted(self.explicit),
             "core": f"ns{CORE_STEPS}-{CORE_SCHEDULE}",
@@ -160,6 +171,7 @@ def parse_grid(
     schedules: str | None = None,
     dtypes: str | None = None,
     power_iters: str | None = None,
+    fractions: str | None = None,
 ) -> GridSpec:
     """A GridSpec from the comma-separated CLI flags (None: the default for that axis)."""
     explicit: set[str] = set()
@@ -198,7 +210,25 @@ def parse_grid(
     if power_iters is not None:
         spec["power_iters"] = _ints("--power-iters", power_iters, positive=False)
         explicit.add("power_iters")
+    if fractions is not None:
+        spec["fractions"] = _fractions(fractions)
+        explicit.add("fractions")
     return GridSpec(**spec, explicit=frozenset(explicit))
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    values: list[float] = []
+    for part in _split(text):
+        try:
+            value = float(part)
+        except ValueError:
+            raise GridError(f"--fractions: {part!r} is not a number") from None
+        if not 0 < value <= 1:
+            raise GridError(f"--fractions: must be in (0, 1], got {part}")
+        values.append(value)
+    if not values:
+        raise GridError("--fractions: empty list")
+    return tuple(sorted(set(values)))
 
 
 def candidate_label(config: Candidate) -> str:
@@ -231,6 +261,16 @@ def build_candidates(grid: GridSpec) -> list[Candidate]:
                 out.append(_config(method="lowrank", rank=rank, **columns, **core))
             if "rsvd" in grid.methods:
                 out.append(_config(method="rsvd", rank=rank, power_iters=1, dtype=dtype))
+            if ERROR_FEEDBACK in grid.methods:
+                # One twin per rank and family, not per power-iteration count: their one-step accuracy is
+                # their plain twin's (nothing to simulate), only the timing and the multi-step figure differ.
+                if "lowrank" in grid.methods:
+                    ef = {"power_iters": EF_POWER_ITERS, "error_feedback": True}
+                    out.append(_config(method="lowrank", rank=rank, **ef, **core))
+                if "rsvd" in grid.methods:
+                    out.append(_config(method="rsvd", rank=rank, power_iters=1, dtype=dtype, error_feedback=True))
+        if "subset" in grid.methods:
+            out += [_config(method="subset", fraction=f, **core) for f in grid.fractions]
     if MOMENTUM_RANK in grid.methods:  # float32 whatever the dtype axis says (see lowrank_momentum)
         out += [MomentumRank(rank) for rank in grid.ranks]
     return list(dict.fromkeys(out))

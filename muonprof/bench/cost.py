@@ -31,7 +31,8 @@ import torch
 
 from ..device.probe import Timer, default_timer
 from ..optim.lowrank_momentum import MOMENTUM_OVERSAMPLE, compress, expand, polar_of_factors
-from ..ortho import orthogonalize, resolve_schedule
+from ..ortho import applied_update, orthogonalize, resolve_schedule
+from ..ortho.feedback import subset_size
 from .candidates import BASELINE, Candidate, MomentumRank, candidate_from_dict, candidate_label, fits, state_bytes
 
 TIMING_MOMENTUM = 0.95  # mu of the timed low-rank momentum step (the value does not change the cost)
@@ -145,10 +146,16 @@ def workspace_bytes(m: int, n: int, config: Candidate, batch: int = 1) -> int:
         elems = e * (3 * k * long + 2 * k * k)
     elif config.method == "svd":
         elems = 4 * (3 * k * long + 2 * k * k)
+    elif config.method == "subset":
+        # The gathered k x short rows, their Newton-Schulz workspace, the scattered update and the applied part.
+        rows = subset_size((m, n), config.fraction or 1.0)
+        elems = e * (4 * rows * k + 2 * k * k) + e * k * long + 4 * k * long
     else:
         r = config.rank or k
         w = r if config.range_finder == "columns" and config.method == "lowrank" else min(r + config.oversample, k)
         elems = 4 * (k * long + 2 * long * w + 3 * k * w) + e * (2 * k * long + 3 * r * long + 2 * r * r)
+        if config.error_feedback:
+            elems += 4 * k * long  # the applied part Q Q^T X
     return int(elems * batch)
 
 
@@ -294,6 +301,10 @@ def _operation(G: torch.Tensor, config: Candidate, gen: torch.Generator) -> Call
         # The factors the step starts from: a compressed random momentum (set up once, not timed).
         factors = compress(G, config.rank, generator=gen.manual_seed(1))
         return lambda: momentum_rank_step(*factors, G, config.rank, generator=gen.manual_seed(0))
+    if config.keeps_tail:
+        # What ProfiledMuon runs for such a layer: the update and the applied part of the momentum (the
+        # error-feedback projection Q Q^T X, or the selected rows), whose m x n decay is one pass more.
+        return lambda: applied_update(G, G, config, generator=gen.manual_seed(0))
     return lambda: orthogonalize(G, config, generator=gen.manual_seed(0))
 
 

@@ -63,20 +63,29 @@ def layer_points(
 ) -> list[Point]:
     """One layer's points: candidates with both a time (label -> per-layer seconds) and measures.
 
+    A point's quality is the candidate's ``multistep_alignment`` where bench measured one (a gradient window
+    was captured: what error feedback and subset are for shows only over many steps), else its one-step
+    alignment (worst over seeds); ``extra`` keeps the one-step figure as ``one_step_alignment`` either way.
     ``state`` (label -> the layer's Muon optimizer-state bytes under that candidate) goes to ``extra``."""
     points = []
     for label, m in accuracy.items():
         if label in costs and _usable(m):
+            one_step = m.get("alignment_worst", m["alignment"])
+            multistep = m.get("multistep_alignment")
             extra = {
+                "one_step_alignment": one_step,
                 "alignment_mean": m["alignment"],
                 "rel_err": m["rel_err"],
                 "sv_min": m["sv_min"],
                 "sv_max": m["sv_max"],
                 "source": m["source"],
             }
+            if multistep is not None:
+                extra["multistep_alignment"] = multistep
+                extra["quality"] = "multistep_alignment"
             if state is not None and label in state:
                 extra["state_bytes"] = int(state[label])
-            points.append(Point(label, costs[label], m.get("alignment_worst", m["alignment"]), extra))
+            points.append(Point(label, costs[label], multistep if multistep is not None else one_step, extra))
     return points
 
 

@@ -24,10 +24,11 @@ from .._version import __version__
 from ..capture import Spectra
 from ..device import DeviceRates, TelemetrySampler, describe_device, measure_matmul, open_telemetry
 from ..device.probe import Timer, default_timer
-from .accuracy import NEEDS_MATRICES, SPECTRAL, layer_accuracy, model_check, source_for
+from .accuracy import NEEDS_MATRICES, SPECTRAL, flush_denormals, layer_accuracy, model_check, source_for
 from .artifact import BenchError, BenchResult
 from .candidates import BASELINE, GridSpec, build_candidates, candidate_label, check_ranks, fits
 from .cost import MEMORY_ESTIMATE, MEMORY_MEASURED, measure_costs
+from .multistep import layer_multistep
 from .pareto import (
     TARGET_ALIGNMENT,
     layer_points,
@@ -159,13 +160,25 @@ def run_bench(
             say("accuracy", name, done, total)
 
         table = layer_accuracy(
-            momentum[layer.name], measured, seeds=seeds, device=device, matrix=saved.get(layer.name), tick=tick
+            momentum[layer.name],
+            measured,
+            seeds=seeds,
+            device=device,
+            matrix=saved.get(layer.name),
+            tick=tick,
+            shape=shape,
         )
         for c in fitting:  # randomized candidates whose timing was skipped: not simulated either
             if c not in measured:
                 table[candidate_label(c)] = {"source": "skipped", "reason": skipped[(shape, candidate_label(c))]}
                 tick()
         accuracy[layer.name] = table
+    windowed = add_multistep(spectra, layers, candidates, accuracy, say)
+    if windowed:
+        notes.append(
+            f"multi-step accuracy on {windowed} layer(s) from the captured gradient window: stage 1 ranks "
+            "candidates by multistep_alignment there (one-step alignment elsewhere)"
+        )
 
     check_layers = _model_check_layers(layers, momentum, check_seed)
     check_total = len(check_layers) * 3
@@ -215,6 +228,41 @@ def run_bench(
         "wall_s": round(time.perf_counter() - started, 3),
     }
     return result
+
+
+def add_multistep(
+    spectra: Spectra,
+    layers: list[Any],
+    candidates: list[Any],
+    accuracy: dict[str, dict[str, dict[str, Any]]],
+    say: RunProgress | None = None,
+) -> int:
+    """Add ``multistep_*`` figures (``bench.multistep``) beside the one-step ones, for every measured candidate
+    on every layer the spectra's gradient window covers; returns how many layers that was.
+
+    The window (``spectra.window``, None or absent before captures had one) has ``grads`` (layer ->
+    float32 (T, m, n)) and ``momentum`` (layer -> the EMA buffer before the first gradient; may be missing).
+    """
+    window = getattr(spectra, "window", None)
+    grads = getattr(window, "grads", None) or {}
+    momenta = getattr(window, "momentum", None) or {}
+    todo = [layer for layer in layers if layer.name in grads]
+    for i, layer in enumerate(todo):
+        if say is not None:
+            say("multi-step", layer.name, i, len(todo))
+        table = accuracy.get(layer.name, {})
+        shape = tuple(layer.matrix_shape)
+        window_grads = grads[layer.name].reshape(-1, *shape).float()
+        initial = momenta.get(layer.name)
+        initial = initial.reshape(shape).float() if initial is not None else None
+        scored = [c for c in candidates if "alignment" in table.get(candidate_label(c), {})]
+        with flush_denormals():
+            figures = layer_multistep(window_grads, initial, scored)
+        for label, values in figures.items():
+            table[label].update(values)
+    if say is not None and todo:
+        say("multi-step", "done", len(todo), len(todo))
+    return len(todo)
 
 
 def _model_check_layers(layers: list[Any], momentum: dict[str, torch.Tensor], seed: int) -> list[Any]:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..ortho.config import OrthoConfig
 from ..ortho.exact import svd_flops
+from ..ortho.feedback import feedback_flops, subset_flops
 from ..ortho.lowrank import lowrank_flops
 from ..ortho.newton_schulz import newton_schulz_flops
 from ..profile import LayerPlan, Profile
@@ -166,7 +167,9 @@ def ortho_flops(shape: tuple[int, int], ortho: OrthoConfig | None, momentum_rank
         return newton_schulz_flops(m, n, ortho.ns_steps)
     if ortho.method == "svd":
         return svd_flops(m, n)
-    return lowrank_flops(m, n, ortho)
+    if ortho.method == "subset":
+        return subset_flops(m, n, ortho)
+    return lowrank_flops(m, n, ortho) + feedback_flops(m, n, ortho)
 
 
 def layer_costs(plans: Sequence[LayerPlan], profile: Profile | None) -> tuple[list[float], str]:

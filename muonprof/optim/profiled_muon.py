@@ -16,6 +16,11 @@ LiMuon, per layer: ``momentum: "storm"`` replaces the EMA by M_t = g(x_t) + mu (
 same batch (``step(closure)``, two backward passes); ``momentum_rank: r`` keeps the momentum as rank-r
 factors and steps along their U V^T (``lowrank_momentum``).
 
+Error feedback (``error_feedback: true`` on a lowrank / rsvd layer) and Dion2-style subset orthogonalization
+(``method: "subset"``) keep what the update did not apply in the momentum and decay only the applied part:
+E_t = X_t - (1 - mu) A_t with X_t = E_{t-1} + (1 - mu) g_t (``momentum_rules``); at full rank / fraction 1
+that is the EMA step above to float rounding. Not yet under torch.distributed (refused at construction).
+
 Under torch.distributed each Muon layer's expensive part runs on one owner rank and the results are
 all-gathered (DDP), or gathered to and scattered from the owner (FSDP2): see ``distributed``.
 
@@ -36,10 +41,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..ortho import OrthoConfig, orthogonalize
+from ..ortho import OrthoConfig, applied_update, orthogonalize
 from ..profile import LayerPlan, Profile, load_profile, resolve_layers
 from . import distributed as dist_split
 from .lowrank_momentum import compress, expand, polar_of_factors
+from .momentum_rules import tail_decay, tail_momentum
 from .routing import route_module, route_named_parameters
 
 ProfileSource = Profile | str | os.PathLike[str] | dict[str, Any] | None
@@ -62,6 +68,8 @@ class _Bucket:
     ok: Tensor | None = None
     inputs: list[Any] = field(default_factory=list)
     before: list[Tensor] | None = None
+    momenta: list[Tensor] | None = None  # tail-keeping layers: this step's momentum X (momentum_rules)
+    mu: float = 0.0
 
 
 class ProfiledMuon(torch.optim.Optimizer):
@@ -172,6 +180,14 @@ class ProfiledMuon(torch.optim.Optimizer):
         if self._world == 1 and not self._fsdp:
             self._group = None
             return
+        tail = [n for n, p in self.plans.items() if p.optimizer == "muon" and p.ortho and p.ortho.keeps_tail]
+        if tail:
+            more = f" and {len(tail) - 1} more" if len(tail) > 1 else ""
+            raise dist_split.DistributedSetupError(
+                f"{tail[0]}{more}: error_feedback / subset keep a momentum only the owner rank could update "
+                "(the applied part comes from the orthogonalizer): not supported under torch.distributed yet; "
+                "run them in one process or drop them for distributed runs"
+            )
         muon = [(name, p) for name, p in named if self.plans[name].optimizer == "muon"]
         costs, self.cost_source = dist_split.layer_costs([self.plans[n] for n, _ in muon], self.profile)
         for (name, p), owner in zip(muon, dist_split.assign_owners(costs, self._world)):
@@ -325,20 +341,26 @@ class ProfiledMuon(torch.optim.Optimizer):
         steps = [int(st["step"]) + 1 for st in states]  # CPU tensors: no device sync
         for st in states:
             st["step"] += 1
-        bucket = _Bucket(params, tensors, states, shape, device, ortho, momentum, rank, steps, owners)
+        bucket = _Bucket(params, tensors, states, shape, device, ortho, momentum, rank, steps, owners, mu=mu)
+        tail = rank is None and momentum == "ema" and ortho is not None and ortho.keeps_tail
+        plain_ema = rank is None and momentum == "ema" and not tail
         ok = self._layer_mask(grads, device)
         if momentum == "storm":
             ok = self._with_correction_finiteness(params, ok, device)
         bucket.ok = ok
         if ok is not None:
             self._count_nonfinite(states, ok)
-        if ok is not None and not (rank is None and momentum == "ema"):
+        if ok is not None and not plain_ema:
             # A bad gradient is replaced by zeros so that nothing below makes NaNs; the layer's update is
             # zeroed and its state kept (see _apply).
             grads = [torch.where(ok[i], g, torch.zeros_like(g)) for i, g in enumerate(grads)]
         corrections = [self._corrections.get(id(p), (None, None))[0] for p in params]
 
-        if rank is None and momentum == "ema":
+        if tail:  # error feedback / subset: X and U now, the buffer only once the applied part is known
+            pairs = [tail_momentum(st["momentum_buffer"], g, mu, group["nesterov"]) for st, g in zip(states, grads)]
+            bucket.momenta = [x for x, _ in pairs]
+            bucket.inputs = [u for _, u in pairs]
+        elif rank is None and momentum == "ema":
             bufs = [st["momentum_buffer"] for st in states]
             if ok is not None:
                 # The momentum itself stands in for a bad gradient: lerp(B, B) = B leaves it unchanged
@@ -363,7 +385,7 @@ class ProfiledMuon(torch.optim.Optimizer):
                     previous = expand(st["momentum_U"], st["momentum_S"], st["momentum_V"])
                     inputs.append(previous.lerp_(g.reshape(shape).float(), 1 - mu))
             bucket.inputs = inputs
-        if ok is not None and not (rank is None and momentum == "ema"):
+        if ok is not None and not plain_ema:
             # A NaN from g(x_{t-1}) reaches the input through the correction: feed skipped layers zeros.
             bucket.inputs = [
                 x if x is None else torch.where(ok[i], x, torch.zeros_like(x)) for i, x in enumerate(bucket.inputs)
@@ -436,6 +458,8 @@ class ProfiledMuon(torch.optim.Optimizer):
                 U, S, V = compress(torch.stack(owned), bucket.rank, generator=generators)
                 factors = list(zip(U.unbind(0), S.unbind(0), V.unbind(0)))
             results = {idx: list(f) for idx, f in zip(indices, factors)}
+        elif mine and bucket.momenta is not None:
+            results = self._tail_updates(bucket, mine, indices, generators)
         elif mine:
             shape, ortho = bucket.shape, bucket.ortho
             updates = [inputs[i].reshape(shape) for i in mine]
@@ -458,9 +482,31 @@ class ProfiledMuon(torch.optim.Optimizer):
                 ]
         return results
 
+    def _tail_updates(
+        self, bucket: _Bucket, mine: list[int], indices: list[int], generators: list[torch.Generator] | None
+    ) -> dict[int, list[Tensor]]:
+        """{index: [O, A]} for error-feedback / subset layers: the update and the part of the momentum it
+        applied (``ortho.applied_update``), one matrix at a time on CPU, batched on accelerators."""
+        assert bucket.momenta is not None and bucket.ortho is not None
+        shape, ortho = bucket.shape, bucket.ortho
+        updates = [bucket.inputs[i].reshape(shape) for i in mine]
+        momenta = [bucket.momenta[i].reshape(shape) for i in mine]
+        if len(updates) == 1 or not self._batched(bucket.device):
+            gens = generators or [None] * len(updates)
+            pairs = [applied_update(u, x, ortho, generator=g) for u, x, g in zip(updates, momenta, gens)]
+        else:
+            O, A = applied_update(torch.stack(updates), torch.stack(momenta), ortho, generator=generators)
+            pairs = list(zip(O.unbind(0), A.unbind(0)))
+        return {idx: [o, a] for idx, (o, a) in zip(indices, pairs)}
+
     def _apply(self, bucket: _Bucket, results: dict[int, list[Tensor]], lr: float, wd: float) -> None:
         params, states, ok = bucket.tensors, bucket.states, bucket.ok
         keys = [self._index_of[id(p)] for p in bucket.params]
+        if bucket.momenta is not None:
+            # E <- X - (1 - mu) A; a skipped layer keeps its buffer (its X was built from a zero gradient).
+            for i, (st, x, key) in enumerate(zip(states, bucket.momenta, keys)):
+                new = tail_decay(x, results[key][1], bucket.mu)
+                st["momentum_buffer"].copy_(new if ok is None else torch.where(ok[i], new, st["momentum_buffer"]))
         if bucket.rank is not None:
             outs = []
             for i, (t, st, key) in enumerate(zip(params, states, keys)):

@@ -6,7 +6,8 @@ so the prediction and ``optimizer_state_bytes`` of a live optimizer agree to the
 
 Per Muon layer of matrix shape (m, n) and element size e:
 
-- ``ema`` (torch.optim.Muon): one m x n momentum buffer: ``m n e``.
+- ``ema`` (torch.optim.Muon): one m x n momentum buffer: ``m n e``. Error feedback and subset keep the same
+  one buffer (holding E of ``optim.momentum_rules``), so the same bytes.
 - ``momentum_rank = r``: factors U (m x r), S (r), V (n x r): ``(m + n + 1) r e``.
 - ``storm``: adds the previous parameters (the same numel as the layer) for the second gradient; with
   ``momentum_rank`` the previous iterate is rebuilt from the factors instead, for 3 numbers.

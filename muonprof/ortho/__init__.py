@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .config import METHODS, PRESETS, OrthoConfig
 from .exact import svd_polar
+from .feedback import applied_update, subset_orthogonalize
 from .lowrank import Generators, lowrank_orthogonalize, rsvd_factors, rsvd_orthogonalize
 from .newton_schulz import newton_schulz
 from .quality import alignment, matrix_with_spectrum, rel_err, singular_range
@@ -23,6 +24,7 @@ __all__ = [
     "OrthoConfig",
     "Schedule",
     "alignment",
+    "applied_update",
     "lowrank_orthogonalize",
     "matrix_with_spectrum",
     "model_singular_values",
@@ -35,6 +37,7 @@ __all__ = [
     "rsvd_factors",
     "rsvd_orthogonalize",
     "singular_range",
+    "subset_orthogonalize",
     "svd_polar",
 ]
 
@@ -62,4 +65,6 @@ def orthogonalize(G: Tensor, config: OrthoConfig | None = None, *, generator: Ge
         return svd_polar(G)
     if config.method == "lowrank":
         return lowrank_orthogonalize(G, config, generator)
+    if config.method == "subset":
+        return subset_orthogonalize(G, config)
     return rsvd_orthogonalize(G, config, generator)

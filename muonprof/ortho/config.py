@@ -15,8 +15,9 @@ import torch
 
 from .schedules import resolve_schedule
 
-Method = Literal["newton_schulz", "svd", "lowrank", "rsvd"]
-METHODS: tuple[str, ...] = ("newton_schulz", "svd", "lowrank", "rsvd")
+Method = Literal["newton_schulz", "svd", "lowrank", "rsvd", "subset"]
+METHODS: tuple[str, ...] = ("newton_schulz", "svd", "lowrank", "rsvd", "subset")
+FEEDBACK_METHODS: tuple[str, ...] = ("lowrank", "rsvd")  # the ones ``error_feedback`` applies to
 RANGE_FINDERS: tuple[str, ...] = ("power", "columns")
 CORES: tuple[str, ...] = ("newton_schulz", "svd")
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -37,6 +38,13 @@ class OrthoConfig:
       extra columns, truncated back to ``rank``) or ``columns`` (QR of ``rank`` random columns, He et al.).
     - ``full_below``: layers whose short side is <= this get full Newton-Schulz instead of the low-rank
       path (the low-rank Muon reference code uses 500); 0 disables the gate.
+    - ``error_feedback`` (``lowrank`` / ``rsvd`` only): the optimizer keeps in the momentum the part of it the
+      rank-r update did not apply and decays only the applied part (Dion); see ``ortho.feedback``. It does
+      not change the one-step update, only the momentum rule.
+    - ``fraction`` (``subset`` only, in (0, 1]): Dion2-style subset orthogonalization: each step the
+      ceil(fraction x long side) rows (or columns, whichever is the long side) of the input with the largest
+      norms are orthogonalized by ``core`` (Newton-Schulz with ``ns_steps`` / ``coefficients`` / ``dtype``, or
+      SVD), the rest of the update is zero, and only those rows of the momentum decay.
     """
 
     method: Method = "newton_schulz"
@@ -50,6 +58,8 @@ class OrthoConfig:
     oversample: int = 8
     core: Literal["newton_schulz", "svd"] = "newton_schulz"
     full_below: int = 0
+    error_feedback: bool = False
+    fraction: float | None = None
 
     def __post_init__(self) -> None:
         dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -57,6 +67,8 @@ class OrthoConfig:
         if not isinstance(self.coefficients, str):
             rows = tuple(tuple(float(v) for v in row) for row in self.coefficients)
             object.__setattr__(self, "coefficients", rows)
+        if isinstance(self.fraction, int) and not isinstance(self.fraction, bool):
+            object.__setattr__(self, "fraction", float(self.fraction))  # 1 and 1.0: one config, one hash
         self.validate()
 
     def validate(self) -> None:
@@ -85,6 +97,26 @@ class OrthoConfig:
             raise ValueError(f"rank: must be a positive integer, got {self.rank!r}")
         if self.method in ("lowrank", "rsvd") and self.rank is None:
             raise ValueError(f"rank: method {self.method!r} needs a rank")
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(f"error_feedback: must be true or false, got {self.error_feedback!r}")
+        if self.error_feedback and self.method not in FEEDBACK_METHODS:
+            why = " (subset keeps its unselected rows anyway)" if self.method == "subset" else ""
+            raise ValueError(
+                f"error_feedback: applies to the low-rank methods ({', '.join(FEEDBACK_METHODS)}) only, "
+                f"not to {self.method!r}{why}"
+            )
+        self._validate_fraction()
+
+    def _validate_fraction(self) -> None:
+        f = self.fraction
+        if f is None:
+            if self.method == "subset":
+                raise ValueError("fraction: method 'subset' needs a fraction in (0, 1]")
+            return
+        if self.method != "subset":
+            raise ValueError(f"fraction: applies to method 'subset' only, not to {self.method!r}")
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
+            raise ValueError(f"fraction: must be a number in (0, 1], got {f!r}")
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
         """Shape-dependent validity: a rank larger than the matrix's short side is an error, not a clamp."""
@@ -135,11 +167,19 @@ class OrthoConfig:
         if self.method == "svd":
             return "svd"
         core = ns if self.core == "newton_schulz" else "svd"
+        if self.method == "subset":
+            return f"subset-f{self.fraction:g}-{core}"
+        ef = "-ef" if self.error_feedback else ""
         if self.method == "rsvd":
-            return f"rsvd-r{self.rank}-p{self.power_iters}-o{self.oversample}"
+            return f"rsvd-r{self.rank}-p{self.power_iters}-o{self.oversample}{ef}"
         finder = f"power{self.power_iters}" if self.range_finder == "power" else "cols"
         gate = f"-full<={self.full_below}" if self.full_below else ""
-        return f"lowrank-r{self.rank}-{finder}-{core}{gate}"
+        return f"lowrank-r{self.rank}-{finder}-{core}{gate}{ef}"
+
+    @property
+    def keeps_tail(self) -> bool:
+        """Whether the momentum keeps what the update did not apply (error feedback or subset)."""
+        return self.error_feedback or self.method == "subset"
 
 
 # Named recipes. A profile entry may say {"preset": NAME, ...overrides}.

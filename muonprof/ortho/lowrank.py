@@ -161,23 +161,31 @@ def lowrank_orthogonalize(G: Tensor, config: OrthoConfig, generator: Generators 
     The rank-r result is not rescaled: its Frobenius norm is about sqrt(r) rather than sqrt(min(m, n)).
     Compensating for that is a learning-rate decision, and the profile's ``lr_scale`` carries it.
     """
+    return lowrank_with_basis(G, config, generator)[0]
+
+
+def lowrank_with_basis(G: Tensor, config: OrthoConfig, generator: Generators = None) -> tuple[Tensor, Tensor | None]:
+    """``lowrank_orthogonalize``'s update and the basis it applied: Q (float32, ``(B, short, r)``, orthonormal
+    columns on G's short side, batched even for a 2-D G), or None where the ``full_below`` gate ran full
+    Newton-Schulz (then the whole space was applied). Error feedback projects the momentum on Q."""
     if config.rank is None:
         raise ValueError("lowrank needs a rank")
     X, tall, squeeze = _as_wide_batch(G)
     short = X.size(-2)
     ns = dict(steps=config.ns_steps, coefficients=config.coefficients, dtype=config.torch_dtype, eps=config.eps)
     if short <= config.full_below:
-        return newton_schulz(G, **ns)  # type: ignore[arg-type]
+        return newton_schulz(G, **ns), None  # type: ignore[arg-type]
     # Scale-free from here on (the result does not depend on ||G||), and no Gram matrix can overflow.
     Xc = _unit_frobenius(X).to(config.torch_dtype)
     Q = _configured_range_finder(Xc, config, generator)
-    Q = truncate_basis(Q, Xc, config.rank).to(config.torch_dtype)
-    core = Q.mT @ Xc  # (B, r, n): wide whenever r <= m <= n
+    Q = truncate_basis(Q, Xc, config.rank)
+    Qc = Q.to(config.torch_dtype)
+    core = Qc.mT @ Xc  # (B, r, n): wide whenever r <= m <= n
     if config.core == "svd":
         core_o = svd_polar(core).to(config.torch_dtype)
     else:
         core_o = newton_schulz(core, **ns)  # type: ignore[arg-type]
-    return _restore(Q @ core_o, tall, squeeze)
+    return _restore(Qc @ core_o, tall, squeeze), Q.float()
 
 
 def rsvd_factors(
@@ -196,11 +204,18 @@ def rsvd_factors(
 
 def rsvd_orthogonalize(G: Tensor, config: OrthoConfig, generator: Generators = None) -> Tensor:
     """U_r V_r^T from a randomized SVD; singular values that are numerically zero are dropped."""
+    return rsvd_with_basis(G, config, generator)[0]
+
+
+def rsvd_with_basis(G: Tensor, config: OrthoConfig, generator: Generators = None) -> tuple[Tensor, Tensor]:
+    """``rsvd_orthogonalize``'s update and its left basis U_r (float32, ``(B, short, r)``, wide orientation;
+    columns of numerically zero singular values zeroed): the subspace error feedback projects on."""
     X, tall, squeeze = _as_wide_batch(G)
     U, S, Vh = rsvd_factors(_unit_frobenius(X), config, generator)
     keep = numerical_rank_mask(S, G.size(-2), G.size(-1)).float()
-    O = (U * keep.unsqueeze(-2)) @ Vh
-    return _restore(O.to(config.torch_dtype), tall, squeeze)
+    basis = U * keep.unsqueeze(-2)
+    O = basis @ Vh
+    return _restore(O.to(config.torch_dtype), tall, squeeze), basis
 
 
 def lowrank_flops(m: int, n: int, config: OrthoConfig) -> float:

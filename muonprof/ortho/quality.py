@@ -44,6 +44,16 @@ def matrix_with_spectrum(
     k = min(m, n)
     if s.numel() != k:
         raise ValueError(f"need min(m, n) = {k} singular values, got {s.numel()}")
+    U, V = haar_factors(m, n, batch=batch, generator=generator)
+    return (U * s) @ V.mT
+
+
+def haar_factors(
+    m: int, n: int, *, batch: int | None = None, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Haar-random U (m x k) and V (n x k), k = min(m, n), float64: ``matrix_with_spectrum``'s singular vectors
+    (its polar factor is U V^T, so a caller that keeps them needs no SVD to score an update)."""
+    k = min(m, n)
     shape = (batch,) if batch else ()
 
     def haar(rows: int) -> Tensor:
@@ -51,5 +61,4 @@ def matrix_with_spectrum(
         Q, R = torch.linalg.qr(Z)
         return Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
 
-    U, V = haar(m), haar(n)
-    return (U * s) @ V.mT
+    return haar(m), haar(n)

@@ -39,6 +39,10 @@ class LayerPlan:
     @property
     def momentum_label(self) -> str:
         base = self.momentum
+        if self.ortho is not None and self.ortho.error_feedback:
+            return f"{base}, error feedback"
+        if self.ortho is not None and self.ortho.method == "subset":
+            return f"{base}, subset decay"
         return f"{base}, rank {self.momentum_rank}" if self.momentum_rank else base
 
     @property
@@ -159,6 +163,9 @@ def resolve_layers(
 def _check_momentum(plan: LayerPlan, entry: LayerSettings | None) -> None:
     """A low-rank momentum is orthogonalized from its own factors, so it must fit the matrix and must not
     be combined with an orthogonalizer the same entry asks for (that would be silently ignored)."""
+    if plan.momentum == "storm" and plan.ortho is not None and plan.ortho.keeps_tail:
+        what = "error_feedback" if plan.ortho.error_feedback else "method subset"
+        raise ValueError(f"{what} keeps an EMA momentum's tail; momentum 'storm' is not supported with it")
     rank = plan.momentum_rank
     if rank is None:
         return

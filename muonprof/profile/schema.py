@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 FORMAT = "muonprof.profile/1"
 
@@ -42,7 +42,13 @@ class LayerSettings(_Strict):
 
     optimizer: Literal["muon", "adamw"] | None = Field(None, description="Which update rule the layer gets.")
     preset: str | None = Field(None, description="A named orthogonalizer recipe, e.g. lowrank_he2025.")
-    method: Literal["newton_schulz", "svd", "lowrank", "rsvd"] | None = None
+    method: Literal["newton_schulz", "svd", "lowrank", "rsvd", "subset"] | None = Field(
+        None,
+        description=(
+            "newton_schulz, svd (exact polar), lowrank / rsvd (rank-r update), subset (Dion2: orthogonalize the "
+            "fraction of the long-side rows with the largest norms; only those rows of the momentum decay)."
+        ),
+    )
     ns_steps: int | None = Field(None, ge=0, le=100)
     coefficients: Coefficients | None = Field(
         None,
@@ -54,6 +60,19 @@ class LayerSettings(_Strict):
     oversample: int | None = Field(None, ge=0)
     core: Literal["newton_schulz", "svd"] | None = None
     full_below: int | None = Field(None, ge=0)
+    error_feedback: StrictBool | None = Field(
+        None,
+        description=(
+            "lowrank / rsvd only: the momentum keeps the part of itself the rank-r update did not apply and "
+            "decays only the applied part (Dion), so the layer serves its whole spectrum over time."
+        ),
+    )
+    fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="subset only: the share of the long side's rows (columns) orthogonalized each step, in (0, 1].",
+    )
     dtype: Literal["bfloat16", "float32"] | None = None
     eps: float | None = Field(None, gt=0)
     lr_rule: Literal["original", "match_rms_adamw", "spectral", "none"] | None = Field(
@@ -76,7 +95,7 @@ class LayerSettings(_Strict):
         ),
     )
 
-    @field_validator("lr_scale", "eps")
+    @field_validator("lr_scale", "eps", "fraction")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):

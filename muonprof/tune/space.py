@@ -1,7 +1,8 @@
 """Stage 1's search space: per layer, the orthogonalizers worth choosing between, with cost and quality.
 
 Every number comes from the bench artifact (time per layer per step on this device; alignment on the
-layer's captured momentum spectrum, worst over sketch seeds) — nothing here measures anything.
+layer's captured momentum spectrum, worst over sketch seeds, or, where bench had a gradient window, the
+multi-step alignment over it, ``bench.multistep``) — nothing here measures anything.
 
 Quality of a whole profile is the *descent share*: Muon's first-order loss decrease in one step is
 ``sum_L lr f_L <G_L, O_L>`` (``f_L`` the layer's LR-rule factor) and ``<G, O> = alignment x ||G||_* x
@@ -48,6 +49,8 @@ class Option:
     sv_max: float | None = None
     source: str | None = None
     state_bytes: int = 0  # the layer's Muon optimizer state under this option (float32)
+    one_step_alignment: float | None = None  # the one-step figure (``alignment`` is the multi-step one where
+    # bench had a gradient window: see ``bench.pareto.layer_points``)
 
 
 @dataclass
@@ -149,4 +152,5 @@ def _option(p: Point, config: Candidate) -> Option:
         sv_max=extra.get("sv_max"),
         source=extra.get("source"),
         state_bytes=int(extra.get("state_bytes", 0)),
+        one_step_alignment=extra.get("one_step_alignment", p.alignment),
     )

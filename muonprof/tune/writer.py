@@ -46,6 +46,10 @@ def settings_of(config: Candidate) -> dict[str, Any]:
             value = getattr(config, key)
             if value is not None:
                 out[key] = value
+        if config.error_feedback:
+            out["error_feedback"] = True
+    if config.method == "subset":
+        out.update(fraction=config.fraction, core=config.core)
     return out
 
 
