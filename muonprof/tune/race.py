@@ -281,12 +281,24 @@ class RaceResult:
 # ------------------------------------------------------------------------------------------- contenders
 
 
-def update_norm(s: torch.Tensor, config: Candidate) -> float:
-    """Predicted ``||O||_F`` of ``config``'s update on a matrix with singular values ``s`` (spectral model)."""
+def update_norm(s: torch.Tensor, config: Candidate, shape: tuple[int, int]) -> float:
+    """Predicted ``||O||_F`` of ``config``'s update on an ``shape`` matrix with singular values ``s``.
+
+    Newton-Schulz, SVD and the low-rank methods (with or without error feedback: the step is the same) come
+    from the spectral model. A low-rank momentum's step is the exact polar factor of rank r: ``sqrt(r)``. A
+    subset step orthogonalizes ``k = ceil(f * long side)`` rows (or columns); it is modelled as the same core
+    on the top ``min(k, short side)`` singular directions (the selected rows carry at most that rank).
+    """
     if isinstance(config, MomentumRank):
         rank = int(nonzero_mask(torch.as_tensor(s, dtype=torch.float64)).sum())
         return math.sqrt(min(config.rank, rank))
     assert isinstance(config, OrthoConfig)
+    if config.method == "subset":
+        from ..ortho.feedback import subset_size
+
+        rank = min(subset_size(shape, float(config.fraction or 1.0)), min(shape))
+        config = OrthoConfig(method="lowrank", rank=rank, ns_steps=config.ns_steps, coefficients=config.coefficients,
+                             dtype=config.dtype, eps=config.eps)  # fmt: skip
     return float(torch.linalg.vector_norm(model_singular_values(s, config)))
 
 
@@ -303,8 +315,8 @@ def update_size_factors(
         if label == BASELINE_LABEL or s is None or BASELINE_LABEL not in menu.labels:
             out[menu.name] = 1.0
             continue
-        base = update_norm(s, menu.option(BASELINE_LABEL).config)
-        mine = update_norm(s, menu.option(label).config)
+        base = update_norm(s, menu.option(BASELINE_LABEL).config, menu.shape)
+        mine = update_norm(s, menu.option(label).config, menu.shape)
         out[menu.name] = 1.0 if mine <= 0 or base <= 0 else min(hi, max(lo, base / mine))
     return out
 
