@@ -1,0 +1,182 @@
+"""``muonprof tune`` + ``muonprof validate`` end to end on built-in models: does the shipped profile hold?
+
+Per model: run the whole tune pipeline (its race included) and time each stage; then validate the shipped
+profile against the default with 3 paired seeds for twice the race horizon, and judge it at the race horizon
+and at twice it (paired Δ of val loss with its one-sided 95% bound, ``muonprof.stats``); report
+steps-to-target and time-to-target (target: the default's final val loss at 2x the horizon, per seed), the
+optimizer-step and training-step speedups measured interleaved in one process (``tune.timing``), and beside
+the time-to-target speedup its bound: the speedup if orthogonalization cost nothing (Amdahl, from the
+default's measured share of the training step).
+
+    python -m tests.benchmarks.bench_race                       # gpt2-tiny, llama-20m, vit-tiny
+    python -m tests.benchmarks.bench_race gpt2-tiny --out-dir profiles --json race.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muonprof.profile import load_profile
+from muonprof.stats import DEFAULT_MARGIN, first_reaching, geometric_mean, paired_comparison
+from muonprof.tune.pipeline import TuneRequest, run_tune
+from muonprof.tune.race import RaceOptions
+from muonprof.tune.timing import interleaved_step_times
+from muonprof.validate import validate
+from muonprof.workload import build_workload
+
+MODELS: dict[str, dict[str, Any]] = {
+    "gpt2-tiny": {},
+    "llama-20m": {"seq_len": 64},
+    "vit-tiny": {},
+}
+
+
+class StageClock:
+    """A pipeline Reporter that only timestamps the stages."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+
+    def stage(self, text: str) -> None:
+        self.marks.append((text.split(":", 1)[0], time.perf_counter()))
+        print(f"  {text}", flush=True)
+
+    @contextmanager
+    def track(self, label: str, total: int) -> Any:
+        yield lambda *args, **kwargs: None
+
+    def durations(self, end: float) -> dict[str, float]:
+        out = {}
+        for (name, t0), (_, t1) in zip(self.marks, [*self.marks[1:], ("end", end)]):
+            out[name] = t1 - t0
+        return out
+
+
+def run_model(model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margin: float) -> dict[str, Any]:
+    out = out_dir / f"{model}.cpu.json"
+    race = RaceOptions(margin=margin)
+    request = TuneRequest(
+        source=model,
+        out=out,
+        seq_len=opts.get("seq_len"),
+        race=race,
+        command=f"muonprof tune {model}"
+        + (f" --seq-len {opts['seq_len']}" if "seq_len" in opts else "")
+        + f" --max-loss-increase {margin:g} --out {out}",
+    )
+    clock = StageClock()
+    t0 = time.perf_counter()
+    outcome = run_tune(request, clock)
+    tune_s = time.perf_counter() - t0
+    stages = clock.durations(time.perf_counter())
+    horizon = race.steps
+    every = race.eval_interval
+    result = validate(
+        model,
+        profile=out,
+        contenders="default",
+        steps=2 * horizon,
+        seeds=seeds,
+        eval_every=every,
+        seq_len=opts.get("seq_len"),
+    )
+    prof, ref = result.contenders["profile"], result.contenders["default"]
+    seed_list = result.seeds
+    judged = {}
+    for h in (horizon, 2 * horizon):
+        cand = [_val_at(prof.runs[s], h) for s in seed_list]
+        base = [_val_at(ref.runs[s], h) for s in seed_list]
+        judged[h] = paired_comparison(cand, base, margin)
+    targets = {s: ref.runs[s].final_val_loss for s in seed_list}
+    steps_to, speedups_measured = [], []
+    for s in seed_list:
+        mine = first_reaching(prof.runs[s].evals, targets[s])
+        theirs = first_reaching(ref.runs[s].evals, targets[s])
+        steps_to.append((mine.step if mine else None, theirs.step if theirs else None))
+        if mine and theirs and mine.wall_s > 0:
+            speedups_measured.append(theirs.wall_s / mine.wall_s)
+    # Speed, interleaved in one process: the optimizer step and the forward/backward of the same batch.
+    workload = build_workload(model, seed=0, seq_len=opts.get("seq_len"))
+    timing = interleaved_step_times(workload, {"default": None, "profile": load_profile(out)}, rounds=15)
+    opt_default, opt_profile = timing["median_ms"]["default"], timing["median_ms"]["profile"]
+    fb = timing["fwd_bwd_ms"]
+    step_speedup = (fb + opt_default) / (fb + opt_profile)
+    # time-to-target at interleaved step costs: (steps the default needs x its step) / (steps the profile needs x its)
+    tt = [(theirs * (fb + opt_default)) / (mine * (fb + opt_profile)) for mine, theirs in steps_to if mine and theirs]
+    row = {
+        "model": model,
+        "shipped": outcome.shipped,
+        "fallback": outcome.race.fell_back if outcome.race else None,
+        "race_reason": outcome.race.reason if outcome.race else None,
+        "tune_s": tune_s,
+        "stages_s": stages,
+        "race_share": stages.get("5/5 race", 0.0) / tune_s if tune_s else None,
+        "horizon": horizon,
+        "equal_steps": {str(h): c.to_json() for h, c in judged.items()},
+        "steps_to_target": steps_to,
+        "time_to_target_speedup_interleaved": geometric_mean(tt) if len(tt) == len(seed_list) else None,
+        "time_to_target_speedup_runs": geometric_mean(speedups_measured) if speedups_measured else None,
+        "optimizer_step_speedup": opt_default / opt_profile,
+        "training_step_speedup": step_speedup,
+        "amdahl_bound": timing["amdahl_bound"],
+        "timing": timing,
+    }
+    _print_row(row)
+    return row
+
+
+def _val_at(run: Any, step: int) -> float:
+    for point in run.evals:
+        if point.step == step and point.val_loss is not None:
+            return point.val_loss
+    raise SystemExit(f"no evaluation at step {step}")
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    h = row["horizon"]
+    a, b = row["equal_steps"][str(h)], row["equal_steps"][str(2 * h)]
+    tt = row["time_to_target_speedup_interleaved"]
+    print(
+        f"{row['model']}: shipped {row['shipped']}; tune {row['tune_s']:.0f} s (race {row['race_share']:.0%}); "
+        f"Δ@{h} {a['mean_diff']:+.4f} (bound {a['upper_bound']:+.4f}, {a['verdict']}); "
+        f"Δ@{2 * h} {b['mean_diff']:+.4f} (bound {b['upper_bound']:+.4f}, {b['verdict']}); "
+        f"time-to-target {'-' if tt is None else f'{tt:.2f}x'} (Amdahl bound {row['amdahl_bound']:.2f}x, half its "
+        f"gain {1 + (row['amdahl_bound'] - 1) / 2:.2f}x); "
+        f"opt step {row['optimizer_step_speedup']:.2f}x; train step {row['training_step_speedup']:.2f}x",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", default=list(MODELS))
+    parser.add_argument("--out-dir", type=Path, default=Path("race-bench"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; load {os.getloadavg()}")
+    rows = [run_model(m, MODELS.get(m, {}), args.out_dir, args.seeds, args.margin) for m in args.models]
+    print(f"load after: {os.getloadavg()}")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": _cpu(), "rows": rows}, indent=2, default=str))
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
