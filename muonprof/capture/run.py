@@ -38,7 +38,8 @@ from .window import MAX_WINDOW, WINDOW_BYTES, WindowRecorder
 
 MUON_LR = 0.02
 ADAMW_LR = 1e-3
-# Burn-in before the first capture: measured with tests/benchmarks/bench_spectra_drift.py (see its RESULTS).
+# Burn-in before the first capture: measured with tests/benchmarks/bench_spectra_drift.py (RESULTS.md: past
+# the early low-rank transient, ~20-40 steps, on gpt2-tiny, llama-20m and vit-tiny; the strict 10% rule says ~120).
 DEFAULT_WARMUP_STEPS = 50
 
 
