@@ -80,7 +80,9 @@ def test_planted_low_rank_gradient_spectra(optimizer: str) -> None:
     s_head = torch.tensor([2.0, 0.5, 0.0])
     a_hidden = matrix_with_spectrum(s_hidden, 24, 16, generator=gen).float()
     a_head = matrix_with_spectrum(s_head, 3, 24, generator=gen).float()
-    spectra = capture_spectra(planted_workload(a_hidden, a_head), steps=4, every=2, optimizer=optimizer, lr=1e-3)
+    spectra = capture_spectra(
+        planted_workload(a_hidden, a_head), steps=4, every=2, warmup_steps=0, optimizer=optimizer, lr=1e-3
+    )
 
     assert spectra.steps == [1, 2, 4]
     by_name = {layer.name: layer for layer in spectra.layers}
@@ -140,7 +142,7 @@ def test_nonfinite_loss_stops_capture() -> None:
     workload = planted_workload(a, torch.randn(3, 24), loss_at={2: float("nan")})
     with pytest.raises(CaptureError, match="became nan at step 3"):
         # train_batch(step - 1) is passed as the loss's "batch": step index 2 is the third step.
-        capture_spectra(workload, steps=5, every=1)
+        capture_spectra(workload, steps=5, every=1, warmup_steps=0)
 
 
 def test_model_without_matrices_is_refused() -> None:
@@ -164,6 +166,7 @@ def test_artifact_round_trip_and_bad_files(tmp_path) -> None:
         planted_workload(torch.randn(24, 16, generator=gen), torch.randn(3, 24, generator=gen)),
         steps=3,
         every=2,
+        warmup_steps=0,
         save_matrices=True,
     )
     path = save_spectra(spectra, tmp_path / "sub" / "planted.spectra.pt")

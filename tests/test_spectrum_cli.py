@@ -41,8 +41,8 @@ def test_models_lists_builtins_with_counts() -> None:
 def test_spectrum_on_gpt2_tiny_writes_artifact_plot_and_json(tmp_path: Path) -> None:
     plot = tmp_path / "spectrum.png"
     result = spectrum_json(
-        tmp_path, "gpt2-tiny", "--steps", "3", "--every", "2", "--batch-size", "2", "--seq-len", "32",
-        "--plot", str(plot), "--save-matrices",
+        tmp_path, "gpt2-tiny", "--steps", "3", "--every", "2", "--warmup-steps", "0", "--batch-size", "2",
+        "--seq-len", "32", "--plot", str(plot), "--save-matrices",
     )  # fmt: skip
     assert [c["step"] for c in result["captures"]] == [1, 2, 3]
     names = [layer["name"] for layer in result["layers"]]

@@ -319,6 +319,68 @@ def layer_accuracy(
     return out
 
 
+def snapshot_accuracy(
+    snapshots: Sequence[tuple[int, Tensor]],
+    candidates: Sequence[Candidate],
+    *,
+    seeds: int = 3,
+    device: torch.device | str = "cpu",
+    matrix: Tensor | None = None,
+    matrix_step: int | None = None,
+    tick: Callable[[], None] | None = None,
+    shape: tuple[int, int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """label -> measures on one layer, each the worst over its momentum spectra at several steps.
+
+    Why the worst: a recipe is used for the whole run, and the spectra move as training goes on (early
+    spectra are lower-rank, which flatters low-rank recipes). ``snapshots`` are (step, spectrum) pairs;
+    per candidate ``alignment``/``alignment_worst``/``sv_min`` are the minimum and ``rel_err``/
+    ``rel_err_worst``/``sv_max`` the maximum over snapshots (other keys come from the lowest-alignment
+    snapshot), ``worst_step`` names that snapshot and ``snapshots`` lists each one's step, alignment and
+    rel_err. Column selection needs the real matrix, saved at ``matrix_step`` only: it is measured there.
+    ``tick`` is called once per candidate and snapshot; ``shape`` goes to ``layer_accuracy`` (subset's Haar
+    simulation needs the layer's matrix shape).
+    """
+    if not snapshots:
+        raise ValueError("snapshot_accuracy needs at least one (step, spectrum) snapshot")
+    steps = [step for step, _ in snapshots]
+    real_at = matrix_step if matrix is not None and matrix_step in steps else steps[-1]
+    per_step: list[tuple[int, dict[str, dict[str, Any]]]] = []
+    for step, s in snapshots:
+        here = [c for c in candidates if source_for(c) != REAL or step == real_at]
+        mat = matrix if step == real_at else None
+        per_step.append((step, layer_accuracy(s, here, seeds=seeds, device=device, matrix=mat, tick=tick, shape=shape)))
+    out: dict[str, dict[str, Any]] = {}
+    for config in candidates:
+        label = candidate_label(config)
+        measured = [(step, table[label]) for step, table in per_step if "alignment" in table.get(label, {})]
+        if not measured:  # e.g. needs --save-matrices: report what the last snapshot said
+            out[label] = next(table[label] for _, table in reversed(per_step) if label in table)
+            continue
+        out[label] = worst_over_snapshots(measured)
+    return out
+
+
+def snapshot_work(candidates: Sequence[Candidate], snapshots: int) -> int:
+    """How many ``tick`` calls ``snapshot_accuracy`` makes (column selection runs on one snapshot only)."""
+    return sum(1 if source_for(c) == REAL else snapshots for c in candidates)
+
+
+def worst_over_snapshots(measured: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Combine one candidate's per-snapshot measures into their worst (see ``snapshot_accuracy``)."""
+    worst_step, worst = min(measured, key=lambda item: item[1]["alignment"])
+    out = dict(worst)
+    for keys, pick in (
+        (("alignment", "alignment_worst", "sv_min"), min),
+        (("rel_err", "rel_err_worst", "sv_max"), max),
+    ):
+        for key in keys:
+            out[key] = pick(m[key] for _, m in measured)
+    out["worst_step"] = worst_step
+    out["snapshots"] = [{"step": step, "alignment": m["alignment"], "rel_err": m["rel_err"]} for step, m in measured]
+    return out
+
+
 @flush_denormals()
 def model_check(
     layers: Sequence[tuple[str, tuple[int, int], Tensor]],

@@ -24,7 +24,15 @@ from .._version import __version__
 from ..capture import Spectra
 from ..device import DeviceRates, TelemetrySampler, describe_device, measure_matmul, open_telemetry
 from ..device.probe import Timer, default_timer
-from .accuracy import NEEDS_MATRICES, SPECTRAL, flush_denormals, layer_accuracy, model_check, source_for
+from .accuracy import (
+    NEEDS_MATRICES,
+    SPECTRAL,
+    flush_denormals,
+    model_check,
+    snapshot_accuracy,
+    snapshot_work,
+    source_for,
+)
 from .artifact import BenchError, BenchResult
 from .candidates import BASELINE, GridSpec, build_candidates, candidate_label, check_ranks, fits
 from .cost import MEMORY_ESTIMATE, MEMORY_MEASURED, measure_costs
@@ -144,14 +152,20 @@ def run_bench(
 
     skipped = {(c.shape, c.label): c.skipped for c in costs if c.skipped}
     momentum = spectra.captures[-1].momentum
+    snapshots = post_burn_in(spectra)
     saved = (spectra.matrices or {}).get("momentum") or {}
     accuracy: dict[str, dict[str, dict[str, Any]]] = {}
-    total = sum(sum(1 for c in candidates if fits(c, layer.matrix_shape)) for layer in layers)
-    done = 0
+    plan: dict[str, tuple[list[Any], list[Any]]] = {}
     for layer in layers:
         shape = tuple(layer.matrix_shape)
         fitting = [c for c in candidates if fits(c, shape)]
         measured = [c for c in fitting if source_for(c) == SPECTRAL or (shape, candidate_label(c)) not in skipped]
+        plan[layer.name] = (fitting, measured)
+    total = sum(snapshot_work(m, len(snapshots)) + len(f) - len(m) for f, m in plan.values())
+    done = 0
+    for layer in layers:
+        shape = tuple(layer.matrix_shape)
+        fitting, measured = plan[layer.name]
         say("accuracy", layer.name, done, total)
 
         def tick(name: str = layer.name) -> None:
@@ -159,12 +173,13 @@ def run_bench(
             done += 1
             say("accuracy", name, done, total)
 
-        table = layer_accuracy(
-            momentum[layer.name],
+        table = snapshot_accuracy(
+            [(c.step, c.momentum[layer.name]) for c in snapshots],
             measured,
             seeds=seeds,
             device=device,
             matrix=saved.get(layer.name),
+            matrix_step=spectra.matrices_step,
             tick=tick,
             shape=shape,
         )
@@ -211,6 +226,8 @@ def run_bench(
             "fingerprint": spectra.meta.get("fingerprint"),
             "model": spectra.meta.get("model"),
             "capture_step": spectra.captures[-1].step,
+            "warmup_steps": spectra.warmup_steps,
+            "snapshot_steps": [c.step for c in snapshots],
             "matrices_saved": spectra.matrices is not None,
         },
         "grid": grid.to_json(),
@@ -263,6 +280,11 @@ def add_multistep(
     if say is not None and todo:
         say("multi-step", "done", len(todo), len(todo))
     return len(todo)
+
+
+def post_burn_in(spectra: Spectra) -> list[Any]:
+    """The captures accuracy is scored on: all after the burn-in (files without one: every capture)."""
+    return [c for c in spectra.captures if c.step > spectra.warmup_steps] or spectra.captures[-1:]
 
 
 def _model_check_layers(layers: list[Any], momentum: dict[str, torch.Tensor], seed: int) -> list[Any]:

@@ -5,6 +5,11 @@ tensors, numbers, strings, lists and dicts: loading someone's spectra file canno
 values are stored per capture step, per layer, for the gradient G and for the momentum M that Muon
 orthogonalizes; ``--save-matrices`` adds the matrices G and M themselves at the last capture step (column
 selection's accuracy depends on the actual columns, not only on the spectrum).
+
+Later additions, all optional so that older files still load: ``meta["warmup_steps"]`` (the burn-in before
+the first capture; missing: 0), ``window`` (a ``GradientWindow`` of consecutive raw gradients; missing:
+None) and ``drift`` (per layer, how the statistics moved from the first to the last capture: derived from
+the captures, written for readers of the file and recomputed on load, so it can never disagree with them).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor
 
 from .._files import atomic_write
 from .stats import stats_row
+from .window import GradientWindow
 
 FORMAT = "muonprof.spectra/1"
 KINDS = ("grad", "momentum")
@@ -72,6 +78,35 @@ class Spectra:
     losses: list[float] = field(default_factory=list)
     matrices: dict[str, dict[str, Tensor]] | None = None  # {"grad": {name: G}, "momentum": {name: M}}
     matrices_step: int | None = None
+    window: GradientWindow | None = None
+
+    @property
+    def warmup_steps(self) -> int:
+        """Burn-in steps trained before the first capture (0 for files written before burn-in existed)."""
+        return int(self.meta.get("warmup_steps", 0))
+
+    def drift(self, kind: str = "momentum") -> dict[str, dict[str, Any]]:
+        """Per layer: how its statistics moved from the first to the last capture (after the burn-in).
+
+        Why: a spectrum that is still moving at the last capture means the recipe is scored on a phase that
+        training is leaving; the relative changes say how much (``rel_change``: (last - first) / first,
+        None when first is 0).
+        """
+        first, last = self.captures[0], self.captures[-1]
+        out: dict[str, dict[str, Any]] = {}
+        for layer in self.layers:
+            a, b = stats_row(first.spectrum(kind, layer.name)), stats_row(last.spectrum(kind, layer.name))
+            k = min(layer.matrix_shape)
+            share_a, share_b = a["nuclear_rank_90"] / k, b["nuclear_rank_90"] / k
+            out[layer.name] = {
+                "first_step": first.step,
+                "last_step": last.step,
+                "nuclear_rank_90_share": [share_a, share_b],
+                "nuclear_rank_90_share_change": rel_change(share_a, share_b),
+                "nuclear_change": rel_change(a["nuclear"], b["nuclear"]),
+                "effective_rank_change": rel_change(a["effective_rank"], b["effective_rank"]),
+            }
+        return out
 
     def layer(self, name: str) -> LayerRecord:
         for layer in self.layers:
@@ -116,7 +151,17 @@ class Spectra:
             ],
             "losses": self.losses,
             "matrices_step": self.matrices_step,
+            "warmup_steps": self.warmup_steps,
+            "drift": self.drift(),
+            "window": self.window.summary() if self.window is not None else None,
         }
+
+
+def rel_change(first: float, last: float) -> float | None:
+    """(last - first) / |first|; 0 when both are 0, None when only ``first`` is (no finite answer)."""
+    if first == 0:
+        return 0.0 if last == 0 else None
+    return (last - first) / abs(first)
 
 
 def save_spectra(spectra: Spectra, path: str | os.PathLike[str]) -> Path:
@@ -133,6 +178,8 @@ def save_spectra(spectra: Spectra, path: str | os.PathLike[str]) -> Path:
         "losses": list(spectra.losses),
         "matrices": spectra.matrices,
         "matrices_step": spectra.matrices_step,
+        "drift": spectra.drift(),
+        "window": spectra.window.to_payload() if spectra.window is not None else None,
     }
     return atomic_write(path, lambda fh: torch.save(payload, fh))
 
@@ -178,7 +225,19 @@ def load_spectra(path: str | os.PathLike[str]) -> Spectra:
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise SpectraError(f"{source}: corrupt spectra file ({type(err).__name__}: {err})") from None
     _check_consistent(spectra, source)
+    spectra.window = _load_window(payload.get("window"), spectra, source)
     return spectra
+
+
+def _load_window(data: Any, spectra: Spectra, source: Path) -> GradientWindow | None:
+    if data is None:
+        return None
+    shapes = {layer.name: layer.matrix_shape for layer in spectra.layers}
+    total = spectra.meta.get("total_steps")
+    try:
+        return GradientWindow.from_payload(data, shapes, int(total) if total is not None else None)
+    except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as err:
+        raise SpectraError(f"{source}: corrupt gradient window ({err})") from None
 
 
 def _check_consistent(spectra: Spectra, source: Path) -> None:

@@ -129,7 +129,7 @@ def bench_command(
 
 def _capture(model: str, device: Any, steps: int, path: str, shown: Any, as_json: bool) -> Any:
     """The thin MODEL path: build the workload, capture its spectra (with matrices), save them."""
-    from ..capture import CaptureError, capture_spectra, save_spectra
+    from ..capture import DEFAULT_WARMUP_STEPS, CaptureError, capture_spectra, save_spectra
     from ..data import DataError
     from ..models import ModelSpecError
     from ..workload import WorkloadError, build_workload
@@ -144,7 +144,7 @@ def _capture(model: str, device: Any, steps: int, path: str, shown: Any, as_json
             console=shown,
             transient=as_json,
         ) as progress:
-            task = progress.add_task(model, total=steps)
+            task = progress.add_task(model, total=DEFAULT_WARMUP_STEPS + steps)  # the burn-in counts
             spectra = capture_spectra(
                 workload,
                 steps=steps,

@@ -11,6 +11,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..capture.run import DEFAULT_WARMUP_STEPS as DEFAULT_WARMUP
+from ..capture.window import DEFAULT_WINDOW as DEFAULT_T
+from ..capture.window import WINDOW_BYTES
 from ._common import console, err_console, fail, safe_name, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
@@ -42,8 +45,24 @@ def models_command(
 
 def spectrum_command(
     model: Annotated[str, typer.Argument(help="Built-in name (see `muonprof models`), module:factory or hf:PATH.")],
-    steps: Annotated[int, typer.Option("--steps", help="Training steps to run.")] = 20,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps to capture in, after the burn-in.")] = 20,
     every: Annotated[int, typer.Option("--every", help="Capture every K steps (and the first and last).")] = 10,
+    warmup_steps: Annotated[
+        int, typer.Option("--warmup-steps", help=f"Burn-in steps before the first capture (default {DEFAULT_WARMUP}).")
+    ] = DEFAULT_WARMUP,
+    captures: Annotated[
+        int | None, typer.Option("--captures", help="Capture K times, spread evenly over --steps (replaces --every).")
+    ] = None,
+    window: Annotated[
+        int | None,
+        typer.Option(
+            "--window",
+            help=f"Also keep the last T raw gradients per Muon layer (default min({DEFAULT_T}, --steps); 0: none).",
+        ),
+    ] = None,
+    window_mb: Annotated[
+        float, typer.Option("--window-mb", help="Byte cap of the window in MiB (layers above it are skipped).")
+    ] = WINDOW_BYTES / 2**20,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences (or images) per batch.")] = 8,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence (language models).")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="Train with muon (ProfiledMuon) or adamw.")] = "muon",
@@ -66,7 +85,7 @@ def spectrum_command(
     import torch
 
     from .._files import OutputPathError, check_writable
-    from ..capture import CaptureError, capture_spectra, capture_steps, save_spectra
+    from ..capture import CaptureError, capture_spectra, check_window, plan_captures, save_spectra
     from ..data import DataError
     from ..device import DeviceError, resolve_device
     from ..models import ModelSpecError, parse_overrides
@@ -74,8 +93,11 @@ def spectrum_command(
 
     if optimizer not in ("muon", "adamw"):
         fail(f"--optimizer must be muon or adamw, got {optimizer!r}", 2)
+    window_bytes = int(window_mb * 2**20)
     try:
-        planned = capture_steps(steps, every)
+        planned = plan_captures(steps, every, warmup_steps=warmup_steps, captures=captures)
+        window = min(DEFAULT_T, steps) if window is None else window
+        check_window(window, steps, window_bytes)
     except ValueError as err:
         fail(str(err), 2)
     out = out if out is not None else Path(f"{safe_name(model)}.spectra.pt")
@@ -102,12 +124,12 @@ def spectrum_command(
     params = sum(p.numel() for p in workload.model.parameters())
     shown.print(
         f"[bold]{model}[/]: {params / 1e6:,.2f}M parameters on {torch_device}; data: {workload.data['description']}; "
-        f"capturing at steps {', '.join(map(str, planned))}"
+        f"burn-in {warmup_steps} steps, then capturing at steps {', '.join(map(str, planned))}"
     )
     progress = training_progress(shown, as_json)
     try:
         with progress:
-            task = progress.add_task("training", total=steps, loss="-")
+            task = progress.add_task("training", total=warmup_steps + steps, loss="-")
 
             def on_step(step: int, loss: float) -> None:
                 progress.update(task, advance=1, loss=f"{loss:.4f}")
@@ -116,6 +138,10 @@ def spectrum_command(
                 workload,
                 steps=steps,
                 every=every,
+                warmup_steps=warmup_steps,
+                captures=captures,
+                window=window,
+                window_bytes=window_bytes,
                 optimizer=optimizer,
                 lr=lr,
                 seed=seed,
@@ -147,7 +173,24 @@ def spectrum_command(
         f"capture {timings['capture_s']:.1f} s ({len(spectra.captures)} captures); "
         f"loss {spectra.losses[0]:.3f} -> {spectra.losses[-1]:.3f}"
     )
+    if spectra.window is not None:
+        console.print(_window_line(spectra.window))
     console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+
+
+def _window_line(window: Any) -> str:
+    """One line on the gradient window: its steps, layers, size and what the byte cap left out."""
+    line = (
+        f"gradient window: steps {window.start_step}-{window.start_step + window.length - 1}, "
+        f"{len(window.grads)} layers, {window.nbytes / 2**20:.1f} MiB"
+    )
+    if window.skipped:
+        line += f"; {len(window.skipped)} layers over the {window.byte_cap / 2**20:.0f} MiB cap skipped"
+    return line
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:+.0f}%"
 
 
 def _layer_table(spectra: Any) -> Table:
@@ -156,16 +199,19 @@ def _layer_table(spectra: Any) -> Table:
     first_stats = spectra.stats("momentum", first.step)
     last_stats = spectra.stats("momentum", last.step)
     grad_stats = spectra.stats("grad", last.step)
+    drift = spectra.drift()
     same = first.step == last.step
     span = f"step {last.step}" if same else f"step {first.step}→{last.step}"
     table = Table(
-        title=f"momentum M spectra ({span}); ranks hold 90% of the energy (E) / nuclear norm (N)",
-        caption="svmin: smallest singular value of M/‖M‖_F (what Newton-Schulz must lift to ~1)",
+        title=f"momentum M spectra ({span}, after {spectra.warmup_steps} burn-in steps); "
+        "ranks hold 90% of the energy (E) / nuclear norm (N)",
+        caption="svmin: smallest singular value of M/‖M‖_F (what Newton-Schulz must lift to ~1); "
+        "drift: relative change first→last capture of the r90 N share of min(m, n) and of ‖M‖_*",
     )
     table.add_column("layer", overflow="fold", min_width=12)
     table.add_column("role", no_wrap=True, min_width=9)
     table.add_column("shape", justify="right")
-    for col in ("stable rank", "eff. rank", "r90 E", "r90 N", "svmin", "G stable"):
+    for col in ("stable rank", "eff. rank", "r90 E", "r90 N", "svmin", "G stable", "drift r90N", "drift ‖M‖*"):
         table.add_column(col, justify="right", min_width=5)
     for layer in spectra.layers:
         a, b, g = first_stats[layer.name], last_stats[layer.name], grad_stats[layer.name]
@@ -183,10 +229,10 @@ def _layer_table(spectra: Any) -> Table:
             moved("nuclear_rank_90", "{:d}"),
             f"{b['sv_min']:.0e}",
             f"{g['stable_rank']:.1f}",
+            _percent(drift[layer.name]["nuclear_rank_90_share_change"]),
+            _percent(drift[layer.name]["nuclear_change"]),
         )
     return table
-
-
 
 
 def _json_default(value: Any) -> Any:
