@@ -78,7 +78,8 @@ def test_spectral_fast_path_equals_running_the_candidates() -> None:
 
 
 def test_rules_are_the_optimizers_own() -> None:
-    """A one-layer ProfiledMuon fed the window's gradients makes the updates the multi-step run scores."""
+    """A one-layer ProfiledMuon fed the window's gradients makes the updates the multi-step run scores (each
+    at unit operator norm, as multistep_alignment measures them)."""
     torch.manual_seed(2)
     grads = torch.randn(4, 12, 20)
     for layer, cfg in [
@@ -94,7 +95,8 @@ def test_rules_are_the_optimizers_own() -> None:
             before = weight.detach().clone()
             weight.grad = g.clone()
             opt.step()
-            inners.append(float((g.double() * (before - weight.detach()).double()).sum()))
+            step = (before - weight.detach()).double()  # lr 1, shape factor 1: the update O itself
+            inners.append(float((g.double() * step).sum()) / float(torch.linalg.matrix_norm(step, ord=2)))
         candidate = cfg or OrthoConfig.from_dict(layer)
         ours = candidate_inners(grads, None, candidate)
         assert ours == pytest.approx(inners, rel=1e-4, abs=1e-5), layer

@@ -101,15 +101,21 @@ def output_singular_values(O: Tensor, rank: int, generator: torch.Generator) -> 
     A full SVD of each simulated update would cost more than the orthogonalizer itself. O has rank at
     most ``rank`` by construction (a product through an m x rank basis), so a Gaussian sketch Y = O W
     with a few extra columns spans its range, and O's singular values are those of the small B = Q_Y^T O,
-    read off the eigenvalues of the tiny Gram B B^T (float32 is plenty for a range around 1).
+    read off the eigenvalues of the tiny Gram B B^T (float32 is plenty for a range around 1; B's own SVD
+    when that eigensolver does not converge).
     """
     Of = O.float()
     width = min(rank + 8, min(Of.shape[-2:]))
     W = torch.randn(Of.size(-1), width, generator=generator, device=Of.device)
     Q = torch.linalg.qr(Of @ W).Q
     B = Q.mT @ Of
-    ev = torch.linalg.eigvalsh(B @ B.mT).clamp(min=0).sqrt()
-    return ev.flip(-1)[:rank]
+    try:
+        ev = torch.linalg.eigvalsh(B @ B.mT).clamp(min=0).sqrt().flip(-1)
+    except torch.linalg.LinAlgError:
+        # LAPACK's syevd can fail to converge on a Gram with many (near-)repeated tiny eigenvalues (a rank-r
+        # update of a nearly rank-r momentum): the small B's SVD in float64 always converges.
+        ev = torch.linalg.svdvals(B.double()).float()
+    return ev[:rank]
 
 
 def _measures(inner: float, nuclear: float, err: float, ref: float, sv: Tensor, keep: int) -> dict[str, float]:

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from ..capture import DEFAULT_WARMUP_STEPS, DEFAULT_WINDOW
 from ..stats import DEFAULT_MARGIN
 from ._common import console, err_console, fail, safe_name
 
@@ -56,7 +57,19 @@ def tune_command(
     out: Annotated[Path | None, typer.Option("--out", help="Profile to write (default MODEL.profile.json).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="PNG of the stage-1 Pareto front.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    capture_steps: Annotated[int, typer.Option("--capture-steps", help="Steps when capturing spectra.")] = 10,
+    capture_steps: Annotated[
+        int, typer.Option("--capture-steps", help="Training steps captured after the burn-in.")
+    ] = 20,
+    warmup_steps: Annotated[
+        int,
+        typer.Option("--warmup-steps", help="Burn-in steps before the first capture (early spectra are low-rank)."),
+    ] = DEFAULT_WARMUP_STEPS,
+    captures: Annotated[
+        int, typer.Option("--captures", help="Spectra snapshots spread over --capture-steps (scored on the worst).")
+    ] = 3,
+    window: Annotated[
+        int, typer.Option("--window", help="Consecutive gradients kept for the multi-step accuracy (0: none).")
+    ] = DEFAULT_WINDOW,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size for capture and stage 2.")] = 8,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Sequence length (language models).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Training data (see `muonprof spectrum`).")] = None,
@@ -131,6 +144,9 @@ def tune_command(
             study_name=study_name,
             seed=seed,
             capture_steps=capture_steps,
+            warmup_steps=warmup_steps,
+            captures=captures,
+            window=window,
             batch_size=batch_size,
             seq_len=seq_len,
             data=data,
@@ -258,48 +274,38 @@ class _Reporter:
 
 
 def race_table(race: dict[str, Any]) -> Table:
-    """The stage-3 table from a race's JSON (``RaceResult.to_json()``, as the profile records it)."""
+    """The stage-3 table from a race's JSON (``RaceResult.to_json()``, as the profile records it); the
+    contenders' recipes are in its caption."""
     opts = race["options"]
     table = Table(
-        title=f"stage 3: race at {opts['steps']} steps, {opts['seeds']} paired seeds, margin {opts['margin']:g} nats "
-        "(Δ = candidate − default val loss)"
+        title=f"stage 3 race: {opts['seeds']} paired seeds, δ {opts['margin']:g} nats, Δ = contender − default",
+        caption="\n".join(f"{row['name']}: {_methods(row['methods'])}" for row in race["table"]),
+        caption_justify="left",
     )
-    columns = ("", "contender", "predicted", "measured step", "Δ val loss", "95% bound", "verdict", "horizon",
-               "steps to target")  # fmt: skip
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("", "contender", "verdict") else "right")
+    for col in ("", "", "pred", "meas", "Δ loss", "bound", "verdict", "steps", "hit"):
+        table.add_column(col, justify="left" if col in ("", "verdict") else "right")
     for row in race["table"]:
         default = row["name"] == "default"
         measured = "-"
         if row.get("measured_step_ms"):
-            measured = f"{row['measured_step_ms']:.3g} ms"
-            if not default and row.get("measured_speedup"):
-                measured += f" ({row['measured_speedup']:.2f}x)"
-        reached = sorted(s for s in row.get("steps_to_target") or [] if s is not None)
-        if default:
-            to_target = "-"
-        elif reached:
-            to_target = f"{len(reached)}/{len(row['steps_to_target'])} seeds, median {reached[len(reached) // 2]}"
-        else:
-            to_target = "not reached"
+            measured = f"{row['measured_step_ms']:.3g} ms" if default else f"{row.get('measured_speedup') or 0:.2f}x"
+        reached = [s for s in row.get("steps_to_target") or [] if s is not None]
         table.add_row(
             "→" if row["name"] == race["winner"] else "",
-            Text(f"{row['name']} {_methods(row['methods'])}"),
-            f"{row['predicted_speedup']:.2f}x",
+            row["name"],
+            "-" if default else f"{row['predicted_speedup']:.2f}x",
             measured,
             f"{row['paired_delta']:+.4f}" if row.get("paired_delta") is not None else "-",
             f"{row['bound']:+.4f}" if row.get("bound") is not None else "-",
-            row["verdict"],
+            row["verdict"].replace("eliminated", "out"),
             str(row.get("horizon") or "-"),
-            to_target,
+            "-" if default else f"{len(reached)}/{len(row.get('steps_to_target') or [])}",
         )
     return table
 
 
 def _methods(methods: dict[str, int]) -> str:
-    parts = [f"{n}x {label}" for label, n in list(methods.items())[:2]]
-    more = len(methods) - 2
-    return "(" + ", ".join(parts) + (f", +{more} more" if more > 0 else "") + ")"
+    return ", ".join(f"{n}x {label}" for label, n in methods.items())
 
 
 def _state_line(state: dict[str, Any]) -> str:

@@ -30,7 +30,15 @@ import torch
 
 from .._files import safe_name
 from ..bench import BenchResult, load_bench, parse_grid, run_bench, save_bench
-from ..capture import Spectra, capture_spectra, load_spectra, save_spectra
+from ..capture import (
+    DEFAULT_WARMUP_STEPS,
+    DEFAULT_WINDOW,
+    Spectra,
+    capture_spectra,
+    check_window,
+    load_spectra,
+    save_spectra,
+)
 from ..profile import Profile, save_profile
 from ..profile import fingerprint as fingerprint_of
 from ..workload import Workload, build_workload
@@ -82,7 +90,10 @@ class TuneRequest:
     storage: str | None = None
     study_name: str | None = None
     seed: int = 0
-    capture_steps: int = 10
+    capture_steps: int = 20
+    warmup_steps: int = DEFAULT_WARMUP_STEPS
+    captures: int = 3
+    window: int = DEFAULT_WINDOW
     batch_size: int = 8
     seq_len: int | None = None
     data: str | None = None
@@ -109,6 +120,14 @@ class TuneRequest:
             raise TuneError(f"--pruner must be median or hyperband, got {self.pruner!r}")
         if self.capture_steps < 1:
             raise TuneError(f"--capture-steps must be at least 1, got {self.capture_steps}")
+        if self.warmup_steps < 0:
+            raise TuneError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not 1 <= self.captures <= self.capture_steps:
+            raise TuneError(f"--captures must be in [1, --capture-steps {self.capture_steps}], got {self.captures}")
+        try:
+            check_window(self.window, self.capture_steps)
+        except ValueError as err:
+            raise TuneError(str(err).replace("--steps", "--capture-steps")) from None
         self.race.check()
 
 
@@ -180,12 +199,18 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
         if spectra is not None:
             ui.stage(f"1/5 capture: reusing {spectra_path} (made for the same inputs)")
         else:
-            ui.stage(f"1/5 capture: {request.capture_steps} training steps of {model} for its spectra")
-            with ui.track("capture", request.capture_steps) as update:
+            ui.stage(
+                f"1/5 capture: {request.warmup_steps} burn-in + {request.capture_steps} training steps of {model}, "
+                f"{request.captures} snapshots, a {request.window}-step gradient window"
+            )
+            with ui.track("capture", request.warmup_steps + request.capture_steps) as update:
                 spectra = capture_spectra(
                     workload,
                     steps=request.capture_steps,
                     every=max(1, request.capture_steps),
+                    warmup_steps=request.warmup_steps,
+                    captures=request.captures,
+                    window=request.window,
                     seed=request.seed,
                     on_step=lambda step, loss: update(step),
                     command=request.command,
@@ -382,6 +407,8 @@ def _race(
                 update(0, total=event.total)
             elif event.kind == "done":
                 update(event.done)
+            elif event.kind == "finished":  # fewer runs than planned when a rung drops more than half
+                update(event.done, total=event.total)
 
         return run_race(
             build,

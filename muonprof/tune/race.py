@@ -517,6 +517,7 @@ def run_race(
         row = rows[c.name]
         row.measured_step_ms = timing["median_ms"][c.name]
         row.measured_speedup = base_ms / row.measured_step_ms if row.measured_step_ms else None
+    notify(RaceEvent("finished", done=jobs.done, total=jobs.done))
     winner, reason = _decide(rows, finalists, options, horizons[-1])
     return RaceResult(options, list(rows.values()), winner, name, seeds, timing, jobs.ran, reason)
 
