@@ -274,7 +274,7 @@ def test_cli_race_writes_the_verdict_into_the_profile_and_resumes(tiny_files: di
     assert race_json["runs_done_now"] > 0 and rerun["runs_done_now"] == 0
     assert profile.provenance.study["race"] == rerun["study"]
     table = runner.invoke(app, args[:-1])
-    assert table.exit_code == 0 and "stage 3: race" in table.stdout and "shipped:" in table.stdout
+    assert table.exit_code == 0 and "stage 3 race" in table.stdout and "shipped:" in table.stdout
 
 
 @pytest.mark.parametrize(
