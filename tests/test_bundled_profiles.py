@@ -18,7 +18,23 @@ BUNDLED = sorted(
 
 def test_profiles_are_bundled() -> None:
     names = {p.name for p in BUNDLED}
-    assert {"gpt2-small.cpu.json", "llama-60m.cpu.json", "vit-tiny.cpu.json"} <= names
+    assert {"gpt2-tiny.cpu.json", "llama-20m.cpu.json", "vit-tiny.cpu.json"} <= names
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)
+def test_bundled_profile_proved_itself_in_the_race(path: Path) -> None:
+    """Nothing ships unproven: the profile records tune's race, and what it ships either passed it (non-inferior
+    to the default at equal steps over paired seeds) or is the default recipe (the fallback)."""
+    profile = load_profile(path)
+    race = (profile.provenance.model_dump() if profile.provenance else {}).get("race")
+    assert race is not None, "a bundled profile comes from a tune run with its race"
+    assert race["seeds"] and len(race["seeds"]) >= 3
+    winner = next(row for row in race["table"] if row["name"] == race["winner"])
+    if race["fallback"]:
+        assert race["winner"] == "default"
+    else:
+        assert winner["verdict"] in ("better", "non-inferior") and winner["bound"] < race["options"]["margin"]
+        assert winner["measured_speedup"] > 1
 
 
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)

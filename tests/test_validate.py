@@ -21,6 +21,7 @@ from muonprof.validate import (
     CONTENDERS,
     ContenderError,
     ContenderRuns,
+    ContenderSkipped,
     ProgressEvent,
     ValidationError,
     adamw_lr_for,
@@ -100,6 +101,10 @@ def test_each_contender_builds_and_steps(tmp_path: Path) -> None:
     w = build_workload("llama-tiny", seed=0, **TINY)
     for name in CONTENDERS:
         w = build_workload("llama-tiny", seed=0, **TINY)
+        if name == "default-lr":  # a hand-written profile records no race reference
+            with pytest.raises(ContenderSkipped, match="no race reference"):
+                build_contender(name, w.model, profile=write_profile(tmp_path))
+            continue
         built = build_contender(name, w.model, profile=write_profile(tmp_path))
         before = {k: v.clone() for k, v in w.model.state_dict().items()}
         r = train(w, built.optimizer, steps=2, eval_every=2)
@@ -134,13 +139,16 @@ def test_torch_contender_matches_default() -> None:
 
 
 def test_parse_contenders() -> None:
-    assert parse_contenders(None, with_profile=True) == ["profile", "default", "torch", "adamw"]
+    assert parse_contenders(None, with_profile=True) == ["profile", "default-lr", "default", "torch", "adamw"]
+    assert parse_contenders(None, with_profile=False) == ["default", "torch", "adamw"]
     assert parse_contenders("adamw,default,adamw", with_profile=False) == ["adamw", "default"]
     assert parse_contenders("profile,default", with_profile=True) == ["profile", "default"]
-    with pytest.raises(ContenderError, match="unknown contender 'sgd'; valid: profile, default, torch, adamw"):
+    with pytest.raises(ContenderError, match="unknown contender 'sgd'; valid: profile, default-lr, default, torch, adamw"):
         parse_contenders("default,sgd", with_profile=False)
     with pytest.raises(ContenderError, match="needs --profile"):
         parse_contenders("profile", with_profile=False)
+    with pytest.raises(ContenderError, match="'default-lr' needs --profile"):
+        parse_contenders("default-lr", with_profile=False)
     with pytest.raises(ContenderError, match="nothing to run"):
         parse_contenders("", with_profile=False)
 

@@ -96,6 +96,10 @@ def tune_command(
             "val-loss difference to the default is below it.",
         ),
     ] = DEFAULT_MARGIN,
+    min_speedup: Annotated[
+        float,
+        typer.Option("--min-speedup", help="A passer ships only if its measured optimizer step is this much faster."),
+    ] = 1.05,
     match_update_size: Annotated[
         bool,
         typer.Option(
@@ -161,6 +165,7 @@ def tune_command(
                 rungs=race_rungs,
                 eval_every=race_eval_every,
                 margin=max_loss_increase,
+                min_speedup=min_speedup,
                 match_update_size=match_update_size,
             ),
             command=" ".join(["muonprof", *sys.argv[1:]]),

@@ -363,7 +363,7 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
         study=study_info,
         notes="; ".join(notes) or None,
         state=state,
-        race=race.to_json() if race is not None else None,
+        race={**race.to_json(), "reference_profile": contenders[0].profile} if race is not None else None,
     )
     save_profile(profile, out)
     return TuneOutcome(

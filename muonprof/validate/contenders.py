@@ -3,6 +3,11 @@
 - ``profile``: ``ProfiledMuon(model, profile)``.
 - ``default``: ``ProfiledMuon(model)``: torch.optim.Muon's algorithm on the hidden matrices, AdamW for the
   rest (lr 0.02, momentum 0.95, Nesterov, no weight decay; AdamW lr 3e-4, betas (0.9, 0.95), eps 1e-8).
+- ``default-lr``: the default recipe (Jordan x5 bf16 everywhere) with the *profile's* tuned learning rates:
+  the reference ``muonprof tune``'s race judged the profile against (``provenance.race.reference_profile``).
+  A tuned profile carries stage 2's learning rates; against ``default`` it would win by its LR alone, so
+  when this contender runs it is the reference (``results.choose_reference``). Skipped with a reason for a
+  profile that records no race.
 - ``torch``: ``torch.optim.Muon`` on the same hidden matrices with ``torch.optim.AdamW`` on the rest, set to
   the same numbers as ``default`` (torch's own defaults are lr 1e-3 and weight_decay 0.1; its docs' example
   uses lr 0.02, momentum 0.95; we pass lr 0.02, weight_decay 0, momentum 0.95, nesterov, adjust_lr_fn
@@ -27,7 +32,7 @@ from torch import nn
 from ..optim import ProfiledMuon
 from ..optim.routing import route_module
 
-CONTENDERS = ("profile", "default", "torch", "adamw")
+CONTENDERS = ("profile", "default-lr", "default", "torch", "adamw")
 DEFAULT_AGAINST = ("default", "torch", "adamw")
 
 MUON_LR = 0.02
@@ -55,13 +60,14 @@ def adamw_lr_for(num_parameters: int) -> float:
 
 
 def parse_contenders(against: str | list[str] | tuple[str, ...] | None, *, with_profile: bool) -> list[str]:
-    """The contenders to run, in order: ``profile`` first when a profile is given, then ``against``.
+    """The contenders to run, in order: ``profile`` first when a profile is given, then ``against`` (by
+    default ``default-lr`` with a profile, then default, torch, adamw).
 
     ``against`` is a comma-separated string or a list; duplicates are dropped. Raises ContenderError for an
     unknown name (listing the valid ones), for ``profile`` without a profile, or for nothing to run.
     """
     if against is None:
-        names = list(DEFAULT_AGAINST)
+        names = (["default-lr"] if with_profile else []) + list(DEFAULT_AGAINST)
     elif isinstance(against, str):
         names = [n.strip() for n in against.split(",") if n.strip()]
     else:
@@ -72,8 +78,9 @@ def parse_contenders(against: str | list[str] | tuple[str, ...] | None, *, with_
             f"unknown contender{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
             f"valid: {', '.join(CONTENDERS)}"
         )
-    if "profile" in names and not with_profile:
-        raise ContenderError("contender 'profile' needs --profile FILE")
+    for needs in ("profile", "default-lr"):
+        if needs in names and not with_profile:
+            raise ContenderError(f"contender {needs!r} needs --profile FILE")
     ordered = (["profile"] if with_profile else []) + [n for n in names if n != "profile"]
     out = list(dict.fromkeys(ordered))
     if len(out) < 1:
@@ -179,6 +186,19 @@ def build_contender(
         )
         source = str(profile) if isinstance(profile, (str, os.PathLike)) else "(in memory)"
         return BuiltContender(name, opt, {"optimizer": "ProfiledMuon", "profile": source, **muon_common})
+    if name == "default-lr":
+        reference = reference_profile(profile)
+        opt = ProfiledMuon(
+            model,
+            reference,
+            lr=muon_lr,
+            momentum=MUON_MOMENTUM,
+            adamw_lr=group_lr,
+            adamw_betas=ADAMW_BETAS,
+            adamw_eps=ADAMW_EPS,
+            seed=seed,
+        )
+        return BuiltContender(name, opt, {"optimizer": "ProfiledMuon", "profile": "race reference", **muon_common})
     if name == "default":
         opt = ProfiledMuon(
             model, lr=muon_lr, momentum=MUON_MOMENTUM, adamw_lr=group_lr, adamw_betas=ADAMW_BETAS, adamw_eps=ADAMW_EPS
@@ -202,6 +222,21 @@ def build_contender(
         }
         return BuiltContender(name, opt, config)
     raise ContenderError(f"unknown contender {name!r}; valid: {', '.join(CONTENDERS)}")
+
+
+def reference_profile(profile: Any) -> dict[str, Any]:
+    """The race's reference recorded in a tuned profile (the default recipe with its learning rates), or
+    ContenderSkipped naming why there is none."""
+    from ..profile import Profile, load_profile
+
+    if profile is None:
+        raise ContenderError("contender 'default-lr' needs --profile FILE")
+    loaded = profile if isinstance(profile, Profile) else load_profile(profile)
+    race = (loaded.provenance.model_dump() if loaded.provenance else {}).get("race") or {}
+    reference = race.get("reference_profile")
+    if not isinstance(reference, dict):
+        raise ContenderSkipped("the profile records no race reference (it was not made by muonprof tune's race)")
+    return reference
 
 
 def torch_muon_available() -> bool:

@@ -238,7 +238,8 @@ def spread(values: Sequence[float]) -> dict[str, Any] | None:
 
 def choose_reference(names: Sequence[str], requested: str | None = None) -> str:
     """The contender the others are judged against: ``requested`` (which must be one of ``names``), else
-    ``default`` (ProfiledMuon's default recipe, what a profile must beat) when present, else the first."""
+    ``default-lr`` (the default recipe with the profile's own learning rates: the fair reference for a tuned
+    profile) or ``default`` (ProfiledMuon's default recipe) when present, else the first."""
     if requested is not None:
         if requested not in names:
             raise ValueError(
@@ -247,7 +248,10 @@ def choose_reference(names: Sequence[str], requested: str | None = None) -> str:
         return requested
     if not names:
         raise ValueError("no contenders to choose a reference from")
-    return "default" if "default" in names else names[0]
+    for preferred in ("default-lr", "default"):
+        if preferred in names:
+            return preferred
+    return names[0]
 
 
 def equal_steps_values(candidate: TrainResult, reference: TrainResult) -> tuple[int, float, float] | None:

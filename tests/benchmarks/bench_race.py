@@ -79,22 +79,27 @@ def run_model(model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margi
     stages = clock.durations(time.perf_counter())
     horizon = race.steps
     every = race.eval_interval
+    # The reference is the default recipe with the profile's own tuned learning rates (validate's default-lr,
+    # the race's reference); against the untuned default a tuned profile would win by its LR alone.
     result = validate(
         model,
         profile=out,
-        contenders="default",
+        contenders="default-lr,default",
         steps=2 * horizon,
         seeds=seeds,
         eval_every=every,
         seq_len=opts.get("seq_len"),
     )
-    prof, ref = result.contenders["profile"], result.contenders["default"]
+    prof, ref, untuned = (result.contenders[n] for n in ("profile", "default-lr", "default"))
     seed_list = result.seeds
     judged = {}
     for h in (horizon, 2 * horizon):
         cand = [_val_at(prof.runs[s], h) for s in seed_list]
         base = [_val_at(ref.runs[s], h) for s in seed_list]
         judged[h] = paired_comparison(cand, base, margin)
+    vs_untuned = paired_comparison(
+        [prof.runs[s].final_val_loss for s in seed_list], [untuned.runs[s].final_val_loss for s in seed_list], margin
+    )
     targets = {s: ref.runs[s].final_val_loss for s in seed_list}
     steps_to, speedups_measured = [], []
     for s in seed_list:
@@ -105,7 +110,9 @@ def run_model(model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margi
             speedups_measured.append(theirs.wall_s / mine.wall_s)
     # Speed, interleaved in one process: the optimizer step and the forward/backward of the same batch.
     workload = build_workload(model, seed=0, seq_len=opts.get("seq_len"))
-    timing = interleaved_step_times(workload, {"default": None, "profile": load_profile(out)}, rounds=15)
+    shipped = load_profile(out)
+    reference = shipped.provenance.model_dump()["race"]["reference_profile"] if outcome.race else None
+    timing = interleaved_step_times(workload, {"default": reference, "profile": shipped}, rounds=15)
     opt_default, opt_profile = timing["median_ms"]["default"], timing["median_ms"]["profile"]
     fb = timing["fwd_bwd_ms"]
     step_speedup = (fb + opt_default) / (fb + opt_profile)
@@ -121,6 +128,7 @@ def run_model(model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margi
         "race_share": stages.get("5/5 race", 0.0) / tune_s if tune_s else None,
         "horizon": horizon,
         "equal_steps": {str(h): c.to_json() for h, c in judged.items()},
+        "vs_untuned_default": vs_untuned.to_json(),
         "steps_to_target": steps_to,
         "time_to_target_speedup_interleaved": geometric_mean(tt) if len(tt) == len(seed_list) else None,
         "time_to_target_speedup_runs": geometric_mean(speedups_measured) if speedups_measured else None,
