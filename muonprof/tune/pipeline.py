@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from .._files import safe_name
-from ..bench import BenchResult, load_bench, parse_grid, run_bench, save_bench
+from ..bench import load_bench, parse_grid, run_bench, save_bench
 from ..capture import (
     DEFAULT_WARMUP_STEPS,
     DEFAULT_WINDOW,
@@ -195,7 +195,7 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
     spectra_path = out.with_name(out.stem + ".spectra.pt")
     bench_path = out.with_name(out.stem + ".bench.json")
     if spectra is None and bench is None:
-        spectra = _reusable_spectra(spectra_path, capture_key)
+        spectra = _reusable(spectra_path, capture_key, load_spectra)
         if spectra is not None:
             ui.stage(f"1/5 capture: reusing {spectra_path} (made for the same inputs)")
         else:
@@ -228,7 +228,7 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
                 "device": str(request.device),
             }
         )
-        bench = _reusable_bench(bench_path, bench_key)
+        bench = _reusable(bench_path, bench_key, load_bench)
         if bench is not None:
             ui.stage(f"2/5 bench: reusing {bench_path} (made for the same spectra and grid)")
         else:
@@ -442,24 +442,15 @@ def _source(request: TuneRequest) -> tuple[Spectra | None, str, dict[str, Any]]:
     return spectra, str(meta.get("spec")), inputs
 
 
-def _reusable_spectra(path: Path, key: str) -> Spectra | None:
+def _reusable(path: Path, key: str, load: Callable[[Path], Any]) -> Any:
+    """The artifact at ``path`` if it loads and was made for the same inputs (its ``meta["tune_inputs"]``)."""
     if not path.is_file():
         return None
     try:
-        spectra = load_spectra(path)
-    except ValueError:
+        artifact = load(path)
+    except ValueError:  # SpectraError / BenchError: a damaged or foreign file is simply not reused
         return None
-    return spectra if spectra.meta.get("tune_inputs") == key else None
-
-
-def _reusable_bench(path: Path, key: str) -> BenchResult | None:
-    if not path.is_file():
-        return None
-    try:
-        bench = load_bench(path)
-    except ValueError:
-        return None
-    return bench if bench.meta.get("tune_inputs") == key else None
+    return artifact if artifact.meta.get("tune_inputs") == key else None
 
 
 def _digest(data: dict[str, Any]) -> str:

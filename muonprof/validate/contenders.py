@@ -171,12 +171,13 @@ def build_contender(
         "adamw_eps": ADAMW_EPS,
         "adamw_weight_decay": 0.0,
     }
-    if name == "profile":
+    if name in ("profile", "default-lr"):
         if profile is None:
-            raise ContenderError("contender 'profile' needs --profile FILE")
+            raise ContenderError(f"contender {name!r} needs --profile FILE")
+        chosen = profile if name == "profile" else reference_profile(profile)
         opt = ProfiledMuon(
             model,
-            profile,
+            chosen,
             lr=muon_lr,
             momentum=MUON_MOMENTUM,
             adamw_lr=group_lr,
@@ -185,20 +186,8 @@ def build_contender(
             seed=seed,
         )
         source = str(profile) if isinstance(profile, (str, os.PathLike)) else "(in memory)"
+        source = source if name == "profile" else "race reference"
         return BuiltContender(name, opt, {"optimizer": "ProfiledMuon", "profile": source, **muon_common})
-    if name == "default-lr":
-        reference = reference_profile(profile)
-        opt = ProfiledMuon(
-            model,
-            reference,
-            lr=muon_lr,
-            momentum=MUON_MOMENTUM,
-            adamw_lr=group_lr,
-            adamw_betas=ADAMW_BETAS,
-            adamw_eps=ADAMW_EPS,
-            seed=seed,
-        )
-        return BuiltContender(name, opt, {"optimizer": "ProfiledMuon", "profile": "race reference", **muon_common})
     if name == "default":
         opt = ProfiledMuon(
             model, lr=muon_lr, momentum=MUON_MOMENTUM, adamw_lr=group_lr, adamw_betas=ADAMW_BETAS, adamw_eps=ADAMW_EPS
