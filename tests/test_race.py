@@ -186,8 +186,11 @@ def test_pick_candidates_spreads_the_speedups_and_keeps_the_stage1_pick() -> Non
     front = [s1.evaluate(ms, {"a": x, "b": y}, f"{x}/{y}") for x, y in
              [("pe5", "pe5"), ("pe5", "j3"), ("j3", "j3"), ("j3", "lr2"), ("lr2", "lr2")]]  # fmt: skip
     picked = pick_candidates(front, base, front[2], 3)
-    # the stage-1 pick, then the spread (mildest, log-middle, ...) until K are chosen; mildest first
-    assert picked == [front[0], front[2], front[3]]
+    # spread in log-speedup from the mildest to the stage-1 pick (1.25x, ~1.45x, 1.67x); the 2.5x and 5x
+    # profiles beyond the pick are left out; mildest first
+    assert picked == [front[0], front[1], front[2]]
+    # when the pick is the mildest, the spread runs to the most aggressive
+    assert pick_candidates(front, base, front[0], 3) == [front[0], front[2], front[4]]
     assert pick_candidates(front, base, front[2], 0) == []
     assert pick_candidates([base], base, base, 3) == []
 

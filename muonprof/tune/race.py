@@ -349,7 +349,10 @@ def contender_profile(
 
 def pick_candidates(front: Sequence[Assignment], baseline: Assignment, choice: Assignment, k: int) -> list[Assignment]:
     """Up to ``k`` front profiles predicted faster than the default, spread evenly in log-speedup from the
-    mildest to the most aggressive, always including stage 1's own pick ``choice`` when it is faster."""
+    mildest to stage 1's own pick ``choice`` (always included when it is faster; when it is the mildest, the
+    spread runs to the most aggressive). Why not to the front's far end: the most aggressive profiles are the
+    ones the one-step model flatters most (they drop the spectral tail), so racing them spends the race on
+    near-certain losers while the middle of the front, where a winner is likeliest, goes untried."""
     faster = sorted({id(a): a for a in front if a.time_s < baseline.time_s}.values(), key=lambda a: -a.time_s)
     distinct: list[Assignment] = []
     for a in faster:
@@ -357,25 +360,21 @@ def pick_candidates(front: Sequence[Assignment], baseline: Assignment, choice: A
             distinct.append(a)
     if k <= 0 or not distinct:
         return []
-    chosen: list[Assignment] = []
-    if choice.time_s < baseline.time_s and choice.picks != baseline.picks:
-        chosen.append(choice)
-    if len(distinct) <= k:
-        pool = distinct
-    else:
-        logs = [math.log(baseline.time_s / a.time_s) for a in distinct]
-        targets = [logs[0] + (logs[-1] - logs[0]) * i / max(1, k - 1) for i in range(k)]
-        pool = []
-        for t in targets:
-            best = min(
-                (a for a in distinct if a not in pool), key=lambda a: abs(math.log(baseline.time_s / a.time_s) - t)
-            )
-            pool.append(best)
-    for a in pool:
+
+    def log_speedup(a: Assignment) -> float:
+        return math.log(baseline.time_s / a.time_s)
+
+    pick = next((a for a in distinct if a.picks == choice.picks), None)
+    chosen: list[Assignment] = [pick] if pick is not None else []
+    top = log_speedup(pick) if pick is not None and pick is not distinct[0] else log_speedup(distinct[-1])
+    pool = [a for a in distinct if log_speedup(a) <= top + 1e-12]
+    targets = [log_speedup(pool[0]) + (top - log_speedup(pool[0])) * i / max(1, k - 1) for i in range(k)]
+    for t in targets:
         if len(chosen) >= k:
             break
-        if all(a.picks != b.picks for b in chosen):
-            chosen.append(a)
+        left = [a for a in pool if all(a.picks != b.picks for b in chosen)]
+        if left:
+            chosen.append(min(left, key=lambda a: abs(log_speedup(a) - t)))
     return sorted(chosen, key=lambda a: -a.time_s)
 
 

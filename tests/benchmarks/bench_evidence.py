@@ -34,24 +34,31 @@ from muonprof.validate.contenders import adamw_lr_for
 from muonprof.validate.results import ContenderRuns, summarize
 from muonprof.workload import build_workload
 
+RANK = "{rank}"  # replaced by --rank (default: a quarter of the smallest Muon layer's short side)
 RECIPES: dict[str, dict[str, Any] | None] = {
     "default": None,
     "fp32": {"dtype": "float32"},  # same math, other rounding: the chaotic noise floor of a paired comparison
     **{f"ns{q}": {"ns_steps": q} for q in (1, 2, 3, 4)},
     "polar_express5": {"coefficients": "polar_express"},
+    # seed 000 (He et al.'s low-rank Muon) as its reference code runs it: full NS below a 500 short side, so
+    # on small models it *is* the default; the rank-r rows below switch that gate off to test the method itself
     "lowrank_he2025": {"preset": "lowrank_he2025"},
-    "lowrank_he2025+ef": {"preset": "lowrank_he2025", "error_feedback": True},
-    "limuon_rank16": {"momentum_rank": 16},
-    "storm": {"momentum": "storm"},
+    "lowrank_he2025_r": {"preset": "lowrank_he2025", "rank": RANK, "full_below": 0},
+    "lowrank_he2025_r+ef": {"preset": "lowrank_he2025", "rank": RANK, "full_below": 0, "error_feedback": True},
+    "limuon_rank_r": {"momentum_rank": RANK},  # seed 002's low-rank momentum
+    "storm": {"momentum": "storm"},  # seed 002's STORM momentum (two gradients per step)
 }
-DEFAULT_SET = "fp32,ns1,ns2,ns3,ns4,lowrank_he2025,lowrank_he2025+ef,limuon_rank16,storm"
+DEFAULT_SET = "fp32,ns1,ns2,ns3,ns4,lowrank_he2025_r,lowrank_he2025_r+ef,limuon_rank_r,storm"
 
 
-def profile_for(name: str) -> dict[str, Any] | None:
-    """A recipe name (``RECIPES``) or a profile file path."""
+def profile_for(name: str, rank: int) -> dict[str, Any] | None:
+    """A recipe name (``RECIPES``, with ``rank`` filled in) or a profile file path."""
     if name in RECIPES:
         settings = RECIPES[name]
-        return None if settings is None else {"format": "muonprof.profile/1", "defaults": dict(settings)}
+        if settings is None:
+            return None
+        filled = {k: rank if v == RANK else v for k, v in settings.items()}
+        return {"format": "muonprof.profile/1", "defaults": filled}
     path = Path(name)
     if path.is_file():
         return json.loads(path.read_text())
@@ -91,16 +98,19 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--margin", type=float, default=0.01)
     parser.add_argument("--warmup", type=int, default=50, help="burn-in steps before the spectra of the model")
+    parser.add_argument("--rank", type=int, default=None, help="rank of the low-rank rows (default: short/4)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     names = [n for n in args.contenders.split(",") if n and n != "default"]
-    profiles = {"default": None, **{n: profile_for(n) for n in names}}
     load = {"batch_size": args.batch_size, "seq_len": args.seq_len}
     every = args.eval_every or max(1, args.steps // 20)
     first = build_workload(args.model, seed=0, **load)
     adamw_lr = adamw_lr_for(sum(p.numel() for p in first.model.parameters()))
+    muon = [plan for plan in ProfiledMuon(first.model).plans.values() if plan.optimizer == "muon"]
+    rank = args.rank or max(1, min(min(plan.matrix_shape) for plan in muon) // 4)
     del first
+    profiles = {"default": None, **{n: profile_for(n, rank) for n in names}}
     runs = {name: ContenderRuns(name, {"profile": profiles[name]}) for name in profiles}
     load_before = os.getloadavg()
     started = time.time()
@@ -161,6 +171,7 @@ def main() -> None:
             json.dumps(
                 {
                     "model": args.model,
+                    "rank": rank,
                     "steps": args.steps,
                     "seeds": args.seeds,
                     "batch_size": args.batch_size,
