@@ -190,7 +190,7 @@ def test_pick_candidates_spreads_the_speedups_and_keeps_the_stage1_pick() -> Non
     # profiles beyond the pick are left out; mildest first
     assert picked == [front[0], front[1], front[2]]
     # when the pick is the mildest, the spread runs to the most aggressive
-    assert pick_candidates(front, base, front[0], 3) == [front[0], front[2], front[4]]
+    assert pick_candidates(front, base, front[0], 3) == [front[0], front[3], front[4]]  # 1.25x, 2.5x, 5x
     assert pick_candidates(front, base, front[2], 0) == []
     assert pick_candidates([base], base, base, 3) == []
 
