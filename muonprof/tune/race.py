@@ -369,12 +369,15 @@ def pick_candidates(front: Sequence[Assignment], baseline: Assignment, choice: A
     top = log_speedup(pick) if pick is not None and pick is not distinct[0] else log_speedup(distinct[-1])
     pool = [a for a in distinct if log_speedup(a) <= top + 1e-12]
     targets = [log_speedup(pool[0]) + (top - log_speedup(pool[0])) * i / max(1, k - 1) for i in range(k)]
-    for t in targets:
+    for t in targets:  # the profile nearest each target (the pick may already be one of them)
+        nearest = min(pool, key=lambda a: abs(log_speedup(a) - t))
+        if len(chosen) < k and all(nearest.picks != b.picks for b in chosen):
+            chosen.append(nearest)
+    for a in pool:  # targets that fell on the same profile: fill up with the next untried ones
         if len(chosen) >= k:
             break
-        left = [a for a in pool if all(a.picks != b.picks for b in chosen)]
-        if left:
-            chosen.append(min(left, key=lambda a: abs(log_speedup(a) - t)))
+        if all(a.picks != b.picks for b in chosen):
+            chosen.append(a)
     return sorted(chosen, key=lambda a: -a.time_s)
 
 
