@@ -7,8 +7,8 @@ matter, e.g. tiny singular values make bf16/fp32 arithmetic hit subnormals on x8
 one process, interleaved round by round so that drift in the machine's speed hits all of them alike,
 and the report is the median per contender and the ratio to the default.
 
-    python -m tests.benchmarks.bench_profile_step gpt2-small profiles/gpt2-small.cpu.json
-    python -m tests.benchmarks.bench_profile_step llama-60m profiles/llama-60m.cpu.json --rounds 5 --json out.json
+    python -m tests.benchmarks.bench_profile_step gpt2-tiny profiles/gpt2-tiny.cpu.json
+    python -m tests.benchmarks.bench_profile_step llama-20m profiles/llama-20m.cpu.json --seq-len 32 --rounds 5
 """
 
 from __future__ import annotations

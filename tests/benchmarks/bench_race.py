@@ -32,10 +32,12 @@ from muonprof.tune.timing import interleaved_step_times
 from muonprof.validate import validate
 from muonprof.workload import build_workload
 
+# Sized so one model's tune + validate fits ~15 minutes on 2 CPU cores (llama-20m and vit-tiny train at
+# ~0.3-0.4 s a step there: a shorter race, and fewer LR trials).
 MODELS: dict[str, dict[str, Any]] = {
     "gpt2-tiny": {},
-    "llama-20m": {"seq_len": 64},
-    "vit-tiny": {},
+    "llama-20m": {"seq_len": 32, "batch_size": 4, "race_steps": 100, "lr_trials": 6, "lr_steps": 40},
+    "vit-tiny": {"race_steps": 100, "lr_trials": 6, "lr_steps": 40},
 }
 
 
@@ -60,16 +62,24 @@ class StageClock:
         return out
 
 
-def run_model(model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margin: float) -> dict[str, Any]:
+def run_model(
+    model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margin: float, untuned_too: bool = False
+) -> dict[str, Any]:
     out = out_dir / f"{model}.cpu.json"
-    race = RaceOptions(margin=margin)
+    race = RaceOptions(margin=margin, steps=opts.get("race_steps", RaceOptions.steps))
     request = TuneRequest(
         source=model,
         out=out,
         seq_len=opts.get("seq_len"),
+        batch_size=opts.get("batch_size", 8),
+        lr_trials=opts.get("lr_trials", 12),
+        lr_steps=opts.get("lr_steps", 60),
         race=race,
         command=f"muonprof tune {model}"
         + (f" --seq-len {opts['seq_len']}" if "seq_len" in opts else "")
+        + (f" --batch-size {opts['batch_size']}" if "batch_size" in opts else "")
+        + (f" --race-steps {opts['race_steps']}" if "race_steps" in opts else "")
+        + (f" --lr-trials {opts['lr_trials']} --lr-steps {opts['lr_steps']}" if "lr_trials" in opts else "")
         + f" --max-loss-increase {margin:g} --out {out}",
     )
     clock = StageClock()
@@ -84,22 +94,28 @@ def run_model(model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margi
     result = validate(
         model,
         profile=out,
-        contenders="default-lr,default",
+        contenders="default-lr,default" if untuned_too else "default-lr",
         steps=2 * horizon,
         seeds=seeds,
         eval_every=every,
         seq_len=opts.get("seq_len"),
+        batch_size=opts.get("batch_size", 8),
     )
-    prof, ref, untuned = (result.contenders[n] for n in ("profile", "default-lr", "default"))
+    prof, ref = result.contenders["profile"], result.contenders["default-lr"]
+    untuned = result.contenders.get("default")
     seed_list = result.seeds
     judged = {}
     for h in (horizon, 2 * horizon):
         cand = [_val_at(prof.runs[s], h) for s in seed_list]
         base = [_val_at(ref.runs[s], h) for s in seed_list]
         judged[h] = paired_comparison(cand, base, margin)
-    vs_untuned = paired_comparison(
-        [prof.runs[s].final_val_loss for s in seed_list], [untuned.runs[s].final_val_loss for s in seed_list], margin
-    )
+    vs_untuned = None
+    if untuned is not None:
+        vs_untuned = paired_comparison(
+            [prof.runs[s].final_val_loss for s in seed_list],
+            [untuned.runs[s].final_val_loss for s in seed_list],
+            margin,
+        )
     targets = {s: ref.runs[s].final_val_loss for s in seed_list}
     steps_to, speedups_measured = [], []
     for s in seed_list:
@@ -109,7 +125,7 @@ def run_model(model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margi
         if mine and theirs and mine.wall_s > 0:
             speedups_measured.append(theirs.wall_s / mine.wall_s)
     # Speed, interleaved in one process: the optimizer step and the forward/backward of the same batch.
-    workload = build_workload(model, seed=0, seq_len=opts.get("seq_len"))
+    workload = build_workload(model, seed=0, seq_len=opts.get("seq_len"), batch_size=opts.get("batch_size", 8))
     shipped = load_profile(out)
     reference = shipped.provenance.model_dump()["race"]["reference_profile"] if outcome.race else None
     timing = interleaved_step_times(workload, {"default": reference, "profile": shipped}, rounds=15)
@@ -128,7 +144,7 @@ def run_model(model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margi
         "race_share": stages.get("5/5 race", 0.0) / tune_s if tune_s else None,
         "horizon": horizon,
         "equal_steps": {str(h): c.to_json() for h, c in judged.items()},
-        "vs_untuned_default": vs_untuned.to_json(),
+        "vs_untuned_default": vs_untuned.to_json() if vs_untuned is not None else None,
         "steps_to_target": steps_to,
         "time_to_target_speedup_interleaved": geometric_mean(tt) if len(tt) == len(seed_list) else None,
         "time_to_target_speedup_runs": geometric_mean(speedups_measured) if speedups_measured else None,
@@ -170,13 +186,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--vs-untuned", action="store_true", help="also validate against the untuned default")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; load {os.getloadavg()}")
-    rows = [run_model(m, MODELS.get(m, {}), args.out_dir, args.seeds, args.margin) for m in args.models]
+    rows = []
+    for m in args.models:
+        rows.append(run_model(m, MODELS.get(m, {}), args.out_dir, args.seeds, args.margin, args.vs_untuned))
+        if args.json:  # after every model: a long run interrupted keeps what it finished
+            args.json.write_text(json.dumps({"cpu": _cpu(), "rows": rows}, indent=2, default=str))
     print(f"load after: {os.getloadavg()}")
-    if args.json:
-        args.json.write_text(json.dumps({"cpu": _cpu(), "rows": rows}, indent=2, default=str))
 
 
 def _cpu() -> str:
