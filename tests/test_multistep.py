@@ -152,3 +152,15 @@ def test_run_bench_adds_multistep_on_windowed_layers_and_stage1_ranks_by_it() ->
         assert option.one_step_alignment == pytest.approx(acc[option.label]["alignment_worst"])
     for option in menus["b.weight"].options:
         assert option.alignment == option.one_step_alignment
+
+
+def test_operator_norm_by_power_iteration_matches_the_svd_above_the_exact_size() -> None:
+    from muonprof.bench.multistep import EXACT_OP_NORM_BELOW, _op_norm
+    from muonprof.ortho import OrthoConfig, orthogonalize
+
+    torch.manual_seed(0)
+    G = torch.randn(EXACT_OP_NORM_BELOW + 32, 300)
+    O = orthogonalize(G, OrthoConfig(dtype="float32"))  # Jordan x5: a clustered spectrum, the hard case
+    exact = float(torch.linalg.matrix_norm(O.double(), ord=2))
+    assert _op_norm(O) == pytest.approx(exact, rel=1e-3)  # the top of the spectrum is a tight cluster
+    assert _op_norm(torch.zeros(3, 4)) == 0.0
