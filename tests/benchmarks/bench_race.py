@@ -36,8 +36,15 @@ from muonprof.workload import build_workload
 # ~0.3-0.4 s a step there: a shorter race, and fewer LR trials).
 MODELS: dict[str, dict[str, Any]] = {
     "gpt2-tiny": {},
-    "llama-20m": {"seq_len": 32, "batch_size": 4, "race_steps": 100, "lr_trials": 6, "lr_steps": 40},
-    "vit-tiny": {"race_steps": 100, "lr_trials": 6, "lr_steps": 40},
+    "llama-20m": {
+        "seq_len": 32,
+        "batch_size": 4,
+        "race_steps": 100,
+        "race_candidates": 2,
+        "lr_trials": 4,
+        "lr_steps": 40,
+    },
+    "vit-tiny": {"race_steps": 100, "race_candidates": 2, "lr_trials": 4, "lr_steps": 40},
 }
 
 
@@ -66,7 +73,11 @@ def run_model(
     model: str, opts: dict[str, Any], out_dir: Path, seeds: int, margin: float, untuned_too: bool = False
 ) -> dict[str, Any]:
     out = out_dir / f"{model}.cpu.json"
-    race = RaceOptions(margin=margin, steps=opts.get("race_steps", RaceOptions.steps))
+    race = RaceOptions(
+        margin=margin,
+        steps=opts.get("race_steps", RaceOptions.steps),
+        candidates=opts.get("race_candidates", RaceOptions.candidates),
+    )
     request = TuneRequest(
         source=model,
         out=out,
@@ -79,6 +90,7 @@ def run_model(
         + (f" --seq-len {opts['seq_len']}" if "seq_len" in opts else "")
         + (f" --batch-size {opts['batch_size']}" if "batch_size" in opts else "")
         + (f" --race-steps {opts['race_steps']}" if "race_steps" in opts else "")
+        + (f" --race-candidates {opts['race_candidates']}" if "race_candidates" in opts else "")
         + (f" --lr-trials {opts['lr_trials']} --lr-steps {opts['lr_steps']}" if "lr_trials" in opts else "")
         + f" --max-loss-increase {margin:g} --out {out}",
     )
