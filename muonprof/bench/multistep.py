@@ -101,7 +101,7 @@ def candidate_inners(
     nesterov: bool = True,
     generator: torch.Generator | None = None,
 ) -> list[float]:
-    """<G_t, O_t> per step under the candidate's own momentum rule and orthogonalizer.
+    """<G_t, O_t / ||O_t||_op> per step under the candidate's own momentum rule and orthogonalizer.
 
     The window's momentum before G_1 is an EMA buffer B (the default recipe's); the rules start from what
     that buffer is in their own terms: B itself (EMA), E = mu B (tail-keeping, ``momentum_rules``), or the
@@ -171,7 +171,7 @@ def multistep_accuracy(
     nesterov: bool = True,
     generator: torch.Generator | None = None,
 ) -> dict[str, Any]:
-    """``multistep_alignment`` = sum_t <G_t, O_t> / sum_t <G_t, O*_t> of ``candidate`` on the window ``grads``
+    """``multistep_alignment`` = sum_t <G_t, O_t / ||O_t||_op> / sum_t <G_t, O*_t> of ``candidate`` on ``grads``
     (``(T, m, n)``) from ``initial_momentum`` (the EMA buffer before G_1; None: zero), with the per-step
     ratios (``multistep_per_step``; None where exact Muon's descent is not positive). Runs the candidate."""
     steps = _spectral_steps(grads, initial_momentum, momentum, nesterov)
