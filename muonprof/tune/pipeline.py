@@ -291,6 +291,7 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
                 pruner=request.pruner,
                 on_trial=lambda study, trial: update(len(finished_trials(study))),
             )
+            update(request.lr_trials)  # trials stored by an earlier run or another worker count too
         lr = s2.choice
 
     race: RaceResult | None = None

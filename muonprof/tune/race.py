@@ -551,7 +551,8 @@ def _decide(
     row = rows[best.name]
     assert row.comparison is not None
     return best.name, (
-        f"{best.name} is non-inferior at {horizon} steps ({row.comparison.describe()}) and its optimizer step "
+        f"{best.name} is {row.comparison.verdict} at {horizon} steps ({row.comparison.describe()}) and its "
+        "optimizer step "
         f"measured {row.measured_speedup:.2f}x faster"
     )
 
