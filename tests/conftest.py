@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import typer
 
 
 @pytest.fixture
@@ -15,3 +16,18 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    """The CLI app with ``validate`` as a subcommand (the validate tests invoke it as a new user types it)."""
+    from muonprof.cli import app as main_app
+
+    if "validate" in {c.name for c in main_app.registered_commands}:
+        return main_app
+    from muonprof.commands.validate import register
+
+    fresh = typer.Typer()
+    register(fresh)
+    fresh.command("noop", hidden=True)(lambda: None)  # keep `validate` a subcommand with a second command
+    return fresh

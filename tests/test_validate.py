@@ -14,7 +14,6 @@ import typer
 from typer.testing import CliRunner
 
 import muonprof.validate.run as run_module
-from muonprof.commands.validate import register
 from muonprof.profile import ProfileError
 from muonprof.train import EvalPoint, TrainResult, train
 from muonprof.validate import (
@@ -287,18 +286,6 @@ def test_validate_refuses_bad_input_before_training(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    from muonprof.cli import app as main_app
-
-    if "validate" in {c.name for c in main_app.registered_commands}:
-        return main_app
-    fresh = typer.Typer()
-    register(fresh)
-    fresh.command("noop", hidden=True)(lambda: None)  # keep `validate` a subcommand with a second command
-    return fresh
 
 
 def cli(app: typer.Typer, *args: str) -> tuple[int, str, str]:

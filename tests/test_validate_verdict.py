@@ -15,7 +15,6 @@ import typer
 from typer.testing import CliRunner
 
 import muonprof.validate.run as run_module
-from muonprof.commands.validate import register
 from muonprof.stats import DEFAULT_MARGIN, t_quantile
 from muonprof.train import EvalPoint, TrainResult
 from muonprof.validate import (
@@ -246,18 +245,6 @@ def test_a_damaged_results_file_is_one_clear_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    from muonprof.cli import app as main_app
-
-    if "validate" in {c.name for c in main_app.registered_commands}:
-        return main_app
-    fresh = typer.Typer()
-    register(fresh)
-    fresh.command("noop", hidden=True)(lambda: None)
-    return fresh
 
 
 def cli(app: typer.Typer, *args: str) -> tuple[int, str, str]:
