@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from muonprof import ProfiledMuon
-from muonprof.optim import profiled_muon as pm_module
+from muonprof.optim import functional as pm_module
 from muonprof.ortho import svd_polar
 from muonprof.ortho.newton_schulz import newton_schulz
 from muonprof.profile import ProfileError, fingerprint

@@ -41,11 +41,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..ortho import OrthoConfig, applied_update, orthogonalize
+from ..ortho import OrthoConfig
 from ..profile import LayerPlan, Profile, load_profile, resolve_layers
 from . import distributed as dist_split
+from . import functional as F
 from .lowrank_momentum import compress, expand, polar_of_factors
-from .momentum_rules import tail_decay, tail_momentum
 from .routing import route_module, route_named_parameters
 
 ProfileSource = Profile | str | os.PathLike[str] | dict[str, Any] | None
@@ -91,6 +91,9 @@ class ProfiledMuon(torch.optim.Optimizer):
             so a resumed run draws the same sketches as an uninterrupted one.
         batch: orthogonalize same-shape layers in one batched call. None (default): on accelerators
             yes, on CPU no (CPU BLAS gains nothing from it and the stacking copies cost ~10%).
+        adamw_impl: ``"fused"`` or ``"foreach"``: which of torch's AdamW kernels the AdamW group runs
+            (``functional.adamw``; the result equals ``torch.optim.AdamW(fused=True)`` or ``(foreach=True)``).
+            None (default): fused wherever torch has the kernel for the device and dtype, else foreach.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class ProfiledMuon(torch.optim.Optimizer):
         skip_nonfinite: bool = True,
         seed: int = 0,
         batch: bool | None = None,
+        adamw_impl: F.AdamWImpl | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
     ) -> None:
@@ -123,6 +127,9 @@ class ProfiledMuon(torch.optim.Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.seed = int(seed)
         self.batch = batch
+        if adamw_impl not in (None, "fused", "foreach"):
+            raise ValueError(f"adamw_impl must be 'fused', 'foreach' or None, got {adamw_impl!r}")
+        self.adamw_impl: F.AdamWImpl | None = adamw_impl
 
         muon = [p for name, p in named if self.plans[name].optimizer == "muon"]
         adamw = [p for name, p in named if self.plans[name].optimizer == "adamw"]
@@ -353,26 +360,16 @@ class ProfiledMuon(torch.optim.Optimizer):
         if ok is not None and not plain_ema:
             # A bad gradient is replaced by zeros so that nothing below makes NaNs; the layer's update is
             # zeroed and its state kept (see _apply).
-            grads = [torch.where(ok[i], g, torch.zeros_like(g)) for i, g in enumerate(grads)]
+            grads = F.zero_where_skipped(grads, ok)
         corrections = [self._corrections.get(id(p), (None, None))[0] for p in params]
 
+        buffers = [st["momentum_buffer"] for st in states] if rank is None else []
         if tail:  # error feedback / subset: X and U now, the buffer only once the applied part is known
-            pairs = [tail_momentum(st["momentum_buffer"], g, mu, group["nesterov"]) for st, g in zip(states, grads)]
-            bucket.momenta = [x for x, _ in pairs]
-            bucket.inputs = [u for _, u in pairs]
+            bucket.momenta, bucket.inputs = F.tail_inputs(buffers, grads, mu, group["nesterov"])
         elif rank is None and momentum == "ema":
-            bufs = [st["momentum_buffer"] for st in states]
-            if ok is not None:
-                # The momentum itself stands in for a bad gradient: lerp(B, B) = B leaves it unchanged
-                # and the Nesterov mix is finite.
-                grads = [torch.where(ok[i], g, b) for i, (g, b) in enumerate(zip(grads, bufs))]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)
-            bucket.inputs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+            bucket.inputs = F.ema_momentum(buffers, grads, mu, group["nesterov"], ok)
         elif rank is None:  # storm, full buffer: M_t = g_t + mu (M_{t-1} - g~), replicated on every rank
-            news = [g.clone() if c is None else c.view_as(g).add_(g) for g, c in zip(grads, corrections)]
-            for i, (st, new) in enumerate(zip(states, news)):
-                st["momentum_buffer"].copy_(new if ok is None else torch.where(ok[i], new, st["momentum_buffer"]))
-            bucket.inputs = news
+            bucket.inputs = F.storm_momentum(buffers, grads, corrections, ok)
         else:  # low-rank momentum: only the owner rebuilds and recompresses it
             inputs: list[Tensor | None] = []
             for g, st, owner, c in zip(grads, states, owners, corrections):
@@ -389,7 +386,7 @@ class ProfiledMuon(torch.optim.Optimizer):
             # A NaN from g(x_{t-1}) reaches the input through the correction: feed skipped layers zeros.
             bucket.inputs = [
                 x if x is None else torch.where(ok[i], x, torch.zeros_like(x)) for i, x in enumerate(bucket.inputs)
-            ]
+            ]  # (entries may be None: not this rank's low-rank layers)
         if momentum == "storm" and rank is None:
             bucket.before = [t.detach().clone() for t in tensors]  # x_t, the next step's previous iterate
         return bucket
@@ -400,7 +397,7 @@ class ProfiledMuon(torch.optim.Optimizer):
         if not self.skip_nonfinite:
             return None
         if not self._fsdp:
-            return self._finite_mask(grads, device)
+            return F.finite_mask(grads, device)
         import torch.distributed as dist
 
         ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=float("inf"))).float()).to(torch.int32)
@@ -461,16 +458,13 @@ class ProfiledMuon(torch.optim.Optimizer):
         elif mine and bucket.momenta is not None:
             results = self._tail_updates(bucket, mine, indices, generators)
         elif mine:
-            shape, ortho = bucket.shape, bucket.ortho
-            updates = [inputs[i].reshape(shape) for i in mine]
-            if len(updates) == 1 or not self._batched(bucket.device):
-                # CPU BLAS gains nothing from batching, and stacking/unstacking copies cost ~10% of a step
-                # there (measured, GPT-2 shapes): one matrix at a time, with torch.optim.Muon's own kernels.
-                gens = generators or [None] * len(updates)
-                outs = [orthogonalize(u, ortho, generator=g) for u, g in zip(updates, gens)]
-            else:
-                # Accelerators are launch-bound on small matrices: one batched call per bucket (2x+ on H100).
-                outs = list(orthogonalize(torch.stack(updates), ortho, generator=generators))
+            outs = F.orthogonalize_all(
+                [inputs[i] for i in mine],
+                bucket.shape,
+                bucket.ortho,
+                batched=self._batched(bucket.device),
+                generators=generators,
+            )
             results = {idx: [o] for idx, o in zip(indices, outs)}
         if self._fsdp:
             for p, t in zip(bucket.params, bucket.tensors):
@@ -488,15 +482,14 @@ class ProfiledMuon(torch.optim.Optimizer):
         """{index: [O, A]} for error-feedback / subset layers: the update and the part of the momentum it
         applied (``ortho.applied_update``), one matrix at a time on CPU, batched on accelerators."""
         assert bucket.momenta is not None and bucket.ortho is not None
-        shape, ortho = bucket.shape, bucket.ortho
-        updates = [bucket.inputs[i].reshape(shape) for i in mine]
-        momenta = [bucket.momenta[i].reshape(shape) for i in mine]
-        if len(updates) == 1 or not self._batched(bucket.device):
-            gens = generators or [None] * len(updates)
-            pairs = [applied_update(u, x, ortho, generator=g) for u, x, g in zip(updates, momenta, gens)]
-        else:
-            O, A = applied_update(torch.stack(updates), torch.stack(momenta), ortho, generator=generators)
-            pairs = list(zip(O.unbind(0), A.unbind(0)))
+        pairs = F.applied_updates_all(
+            [bucket.inputs[i] for i in mine],
+            [bucket.momenta[i] for i in mine],
+            bucket.shape,
+            bucket.ortho,
+            batched=self._batched(bucket.device),
+            generators=generators,
+        )
         return {idx: [o, a] for idx, (o, a) in zip(indices, pairs)}
 
     def _apply(self, bucket: _Bucket, results: dict[int, list[Tensor]], lr: float, wd: float) -> None:
@@ -504,9 +497,8 @@ class ProfiledMuon(torch.optim.Optimizer):
         keys = [self._index_of[id(p)] for p in bucket.params]
         if bucket.momenta is not None:
             # E <- X - (1 - mu) A; a skipped layer keeps its buffer (its X was built from a zero gradient).
-            for i, (st, x, key) in enumerate(zip(states, bucket.momenta, keys)):
-                new = tail_decay(x, results[key][1], bucket.mu)
-                st["momentum_buffer"].copy_(new if ok is None else torch.where(ok[i], new, st["momentum_buffer"]))
+            buffers = [st["momentum_buffer"] for st in states]
+            F.tail_commit(buffers, bucket.momenta, [results[key][1] for key in keys], bucket.mu, ok)
         if bucket.rank is not None:
             outs = []
             for i, (t, st, key) in enumerate(zip(params, states, keys)):
@@ -516,10 +508,6 @@ class ProfiledMuon(torch.optim.Optimizer):
                 outs.append(polar_of_factors(st["momentum_U"], st["momentum_S"], st["momentum_V"]))
         else:
             outs = [results[key][0] for key in keys]
-        if ok is not None:
-            # Zero the skipped layers' updates; multiplying by exactly 1.0 keeps the others bit-identical
-            # to an unmasked step (and so to torch.optim.Muon). Each output is fresh: in place is safe.
-            torch._foreach_mul_(outs, list(ok.to(outs[0].dtype).unbind(0)))
         if bucket.before is not None:
             for i, (st, before) in enumerate(zip(states, bucket.before)):
                 if "prev_param" not in st:
@@ -528,13 +516,6 @@ class ProfiledMuon(torch.optim.Optimizer):
                     st["prev_param"].copy_(before)
                 else:
                     st["prev_param"].copy_(torch.where(ok[i], before, st["prev_param"]))
-        if wd != 0:
-            if ok is None:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            else:
-                # Python scalars, not torch.tensor(..., device=...): building a device tensor from a
-                # host value would block the host on every step.
-                torch._foreach_mul_(params, list(torch.where(ok, 1 - lr * wd, 1.0).unbind(0)))
         factors = [self._plan_of[id(p)].lr_factor for p in bucket.params]
         if bucket.momentum == "storm" and bucket.rank is not None:
             # What _rebuild_previous needs to undo this step, [lr_step, decay, moved], kept as a device
@@ -550,10 +531,8 @@ class ProfiledMuon(torch.optim.Optimizer):
                         old[1] = 1.0
                     undo = torch.where(ok[i], undo, old)
                 st["storm_undo"] = undo
-        for o, f in zip(outs, factors):
-            if f != factors[0]:
-                o.mul_(f / factors[0])
-        torch._foreach_add_(params, [o.view_as(p) for o, p in zip(outs, params)], alpha=-lr * factors[0])
+        # Each output is fresh (orthogonalize's result, or polar_of_factors'): muon_apply may scale it in place.
+        F.muon_apply(params, outs, lr=lr, weight_decay=wd, lr_factors=factors, ok=ok)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -574,37 +553,23 @@ class ProfiledMuon(torch.optim.Optimizer):
         ok = self._layer_mask(grads, params[0].device)
         if ok is not None:
             self._count_nonfinite(states, ok)
-        # Per-tensor (never per-element) loop with tensor-valued step counts and a 0/1 gate per layer,
-        # so that a skipped layer's moments and step stay put and nothing here waits for the device.
-        for i, (p, g, st) in enumerate(zip(params, grads, states)):
-            layer_lr = lr * lr_scales[i]
-            if ok is None:
-                gate: float | Tensor = 1.0
-            else:
-                gate = ok[i].to(torch.float32)
-                g = torch.where(ok[i], g, torch.zeros_like(g))
-            st["step"] += gate
-            step = st["step"].clamp(min=1)
-            st["exp_avg"].lerp_(g, _weight((1 - beta1) * gate, g))
-            st["exp_avg_sq"].lerp_(g * g, _weight((1 - beta2) * gate, g))
-            denom = (st["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(eps)
-            if wd != 0:
-                p.mul_(1 - layer_lr * wd * gate)
-            p.sub_(st["exp_avg"] / denom * (layer_lr * gate / (1 - beta1**step)))
+        F.adamw(
+            params,
+            grads,
+            [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states],
+            [st["step"] for st in states],
+            lr=lr,
+            lr_scales=lr_scales,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=wd,
+            ok=ok,
+            impl=self.adamw_impl or F.default_adamw_impl(params),
+        )
 
     # ------------------------------------------------------------------ helpers
-
-    @staticmethod
-    def _finite_mask(grads: list[Tensor], device: torch.device) -> Tensor | None:
-        """(B,) bool: which gradients are entirely finite (the max-abs norm is finite iff every entry is, and
-        unlike the 2-norm it cannot overflow on huge but finite gradients), or None
-        when all are and we may know it for free: on CPU reading the mask is not a device sync, so the
-        common all-finite step skips the masking passes (measured ~15-40% of a CPU step at GPT-2 sizes).
-        On accelerators the mask is always applied, so the host never waits for the device."""
-        ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=float("inf"))).float())
-        if device.type == "cpu" and bool(ok.all()):
-            return None
-        return ok
 
     @staticmethod
     def _count_nonfinite(states: list[dict[str, Any]], ok: Tensor) -> None:
@@ -674,11 +639,6 @@ class ProfiledMuon(torch.optim.Optimizer):
             }
             for plan in self.plans.values()
         ]
-
-
-def _weight(w: float | Tensor, like: Tensor) -> float | Tensor:
-    """lerp_ wants a Python float or a tensor of the input's dtype."""
-    return w.to(like.dtype) if isinstance(w, Tensor) else w
 
 
 def _named_and_routes(
