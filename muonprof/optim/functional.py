@@ -34,15 +34,25 @@ GeneratorList = Sequence[torch.Generator] | None
 def finite_mask(grads: Sequence[Tensor], device: torch.device) -> Tensor | None:
     """(B,) bool: which gradients are entirely finite, or None when all are and we may know it for free.
 
-    The max-abs norm is finite iff every entry is, and unlike the 2-norm it cannot overflow on huge but finite
-    gradients. On CPU reading the mask is not a device sync, so the common all-finite step skips the masking
-    passes (measured ~15-40% of a CPU step at GPT-2 sizes); on accelerators the mask is always returned, so
-    the host never waits for the device.
+    On accelerators: the max-abs norm of each (one foreach kernel; finite iff every entry is, and unlike the
+    2-norm it cannot overflow on huge but finite gradients), always returned, so the host never waits.
+
+    On CPU, where reading the mask is not a device sync, the common all-finite step returns None and skips
+    every masking pass. The test there is each gradient's plain sum, because a NaN or an Inf in a sum
+    propagates (Inf - Inf is NaN) and CPU's inf-norm is slow: 38 ms against 3 ms for the sums of a llama-20m
+    embedding and head (2 x 32000 x 256, measured on a Xeon with AMX), more than the fused AdamW step itself.
+    A sum can also overflow on huge but finite entries; only those layers get the exact test (min and max).
     """
-    ok = torch.isfinite(torch.stack(torch._foreach_norm(list(grads), ord=float("inf"))).float())
-    if device.type == "cpu" and bool(ok.all()):
+    grads = list(grads)
+    if device.type != "cpu":
+        return torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=float("inf"))).float())
+    ok = torch.isfinite(torch.stack([g.sum() for g in grads]).float())
+    if bool(ok.all()):
         return None
-    return ok
+    for i in (~ok).nonzero().flatten().tolist():
+        low, high = torch.aminmax(grads[i])
+        ok[i] = bool(torch.isfinite(low) & torch.isfinite(high))
+    return None if bool(ok.all()) else ok
 
 
 def zero_where_skipped(tensors: Sequence[Tensor], ok: Tensor | None) -> list[Tensor]:

@@ -392,7 +392,7 @@ class ProfiledMuon(torch.optim.Optimizer):
         return bucket
 
     def _layer_mask(self, grads: list[Tensor], device: torch.device) -> Tensor | None:
-        """Which layers step (see ``_finite_mask``). Under FSDP2 each rank sees only its rows, so the
+        """Which layers step (see ``functional.finite_mask``). Under FSDP2 each rank sees only its rows, so the
         ranks agree on the mask with one all_reduce: a layer is skipped everywhere or nowhere."""
         if not self.skip_nonfinite:
             return None
