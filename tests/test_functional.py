@@ -253,3 +253,33 @@ def test_muon_apply_without_mask_is_one_foreach_add() -> None:
     torch._foreach_add_(expected, updates, alpha=-0.02 * 1.5)
     F.muon_apply(params, [u.clone() for u in updates], lr=0.02, weight_decay=0.01, lr_factors=[1.5] * 3, ok=None)
     assert all(torch.equal(p, e) for p, e in zip(params, expected))
+
+
+def _factors(m: int, n: int, r: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, r, generator=gen)).Q
+    V = torch.linalg.qr(torch.randn(n, r, generator=gen)).Q
+    return U, torch.tensor([3.0, 2.0, 1.0][:r]), V
+
+
+def test_lowrank_momentum_inputs_rebuild_then_fold_the_gradient() -> None:
+    U, S, V = _factors(6, 10, 3, seed=1)
+    grads = _matrices(2, (6, 10), seed=8)
+    corrections: list[Tensor | None] = [None, None]
+    ema = F.lowrank_momentum_inputs([(U, S, V)] * 2, grads, (6, 10), 0.9, "ema", corrections, [True, False])
+    assert ema[1] is None  # another rank's layer: nothing built here
+    torch.testing.assert_close(ema[0], 0.9 * (U * S) @ V.T + 0.1 * grads[0])
+    correction = torch.ones(6, 10)
+    storm = F.lowrank_momentum_inputs([(U, S, V)], grads[:1], (6, 10), 0.9, "storm", [correction], [True])
+    torch.testing.assert_close(storm[0], grads[0] + 1)
+
+
+def test_lowrank_momentum_commit_stores_factors_and_returns_their_polar() -> None:
+    stored = [tuple(t.clone() for t in _factors(6, 10, 3, seed=s)) for s in (1, 2)]
+    kept = [t.clone() for t in stored[1]]
+    new = [_factors(6, 10, 3, seed=s) for s in (3, 4)]
+    outs = F.lowrank_momentum_commit(stored, new, torch.tensor([True, False]))  # type: ignore[arg-type]
+    assert all(torch.equal(a, b) for a, b in zip(stored[0], new[0]))
+    assert all(torch.equal(a, b) for a, b in zip(stored[1], kept))
+    U, _, V = new[0]
+    torch.testing.assert_close(outs[0], U @ V.T)

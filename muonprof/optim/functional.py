@@ -22,10 +22,12 @@ from torch import Tensor
 from torch.optim.adamw import adamw as torch_adamw
 
 from ..ortho import OrthoConfig, applied_update, orthogonalize
+from .lowrank_momentum import expand, polar_of_factors
 from .momentum_rules import tail_decay, tail_momentum
 
 AdamWImpl = Literal["fused", "foreach"]
 GeneratorList = Sequence[torch.Generator] | None
+Factors = tuple[Tensor, Tensor, Tensor]  # a low-rank momentum U (m, r), S (r,), V (n, r)
 
 
 # ---------------------------------------------------------------- masks
@@ -108,6 +110,47 @@ def tail_commit(
     for i, (buf, x, a) in enumerate(zip(buffers, momenta, applied)):
         new = tail_decay(x, a, mu)
         buf.copy_(new if ok is None else torch.where(ok[i], new, buf))
+
+
+def lowrank_momentum_inputs(
+    factors: Sequence[Factors],
+    grads: Sequence[Tensor],
+    shape: tuple[int, int],
+    mu: float,
+    momentum: str,
+    corrections: Sequence[Tensor | None],
+    owners: Sequence[bool],
+) -> list[Tensor | None]:
+    """LiMuon's low-rank momentum, before compression: the full m x n momentum to compress, per layer owned.
+
+    EMA: lerp(U diag(S) V^T, g, 1 - mu), the stored rank-r momentum rebuilt as a transient; STORM: g plus the
+    correction. Float32 whatever the parameter's dtype. None for layers another rank owns (only the owner
+    rebuilds and recompresses a low-rank momentum). The factors change only in ``lowrank_momentum_commit``.
+    """
+    inputs: list[Tensor | None] = []
+    for (U, S, V), g, c, owner in zip(factors, grads, corrections, owners):
+        if not owner:
+            inputs.append(None)
+            continue
+        g2 = g.reshape(shape).float()
+        if momentum == "storm":
+            inputs.append(g2.clone() if c is None else c.add_(g2))
+        else:
+            inputs.append(expand(U, S, V).lerp_(g2, 1 - mu))
+    return inputs
+
+
+def lowrank_momentum_commit(
+    factors: Sequence[Factors], compressed: Sequence[Sequence[Tensor]], ok: Tensor | None
+) -> list[Tensor]:
+    """Store each layer's new factors (skipped layers keep theirs) and return its update U V^T."""
+    outs = []
+    for i, (stored, new) in enumerate(zip(factors, compressed)):
+        for old, value in zip(stored, new):
+            value = value.to(old.dtype)
+            old.copy_(value if ok is None else torch.where(ok[i], value, old))
+        outs.append(polar_of_factors(*stored))
+    return outs
 
 
 # ---------------------------------------------------------------- the expensive part

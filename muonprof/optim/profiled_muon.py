@@ -371,17 +371,8 @@ class ProfiledMuon(torch.optim.Optimizer):
         elif rank is None:  # storm, full buffer: M_t = g_t + mu (M_{t-1} - g~), replicated on every rank
             bucket.inputs = F.storm_momentum(buffers, grads, corrections, ok)
         else:  # low-rank momentum: only the owner rebuilds and recompresses it
-            inputs: list[Tensor | None] = []
-            for g, st, owner, c in zip(grads, states, owners, corrections):
-                if not owner:
-                    inputs.append(None)
-                elif momentum == "storm":
-                    g2 = g.reshape(shape).float()
-                    inputs.append(g2.clone() if c is None else c.add_(g2))
-                else:
-                    previous = expand(st["momentum_U"], st["momentum_S"], st["momentum_V"])
-                    inputs.append(previous.lerp_(g.reshape(shape).float(), 1 - mu))
-            bucket.inputs = inputs
+            factors = [(st["momentum_U"], st["momentum_S"], st["momentum_V"]) for st in states]
+            bucket.inputs = F.lowrank_momentum_inputs(factors, grads, shape, mu, momentum, corrections, owners)
         if ok is not None and not plain_ema:
             # A NaN from g(x_{t-1}) reaches the input through the correction: feed skipped layers zeros.
             bucket.inputs = [
@@ -500,12 +491,8 @@ class ProfiledMuon(torch.optim.Optimizer):
             buffers = [st["momentum_buffer"] for st in states]
             F.tail_commit(buffers, bucket.momenta, [results[key][1] for key in keys], bucket.mu, ok)
         if bucket.rank is not None:
-            outs = []
-            for i, (t, st, key) in enumerate(zip(params, states, keys)):
-                for name, value in zip(("momentum_U", "momentum_S", "momentum_V"), results[key]):
-                    value = value.to(t.dtype)
-                    st[name].copy_(value if ok is None else torch.where(ok[i], value, st[name]))
-                outs.append(polar_of_factors(st["momentum_U"], st["momentum_S"], st["momentum_V"]))
+            factors = [(st["momentum_U"], st["momentum_S"], st["momentum_V"]) for st in states]
+            outs = F.lowrank_momentum_commit(factors, [results[key] for key in keys], ok)
         else:
             outs = [results[key][0] for key in keys]
         if bucket.before is not None:
