@@ -21,6 +21,10 @@ Error feedback (``error_feedback: true`` on a lowrank / rsvd layer) and Dion2-st
 E_t = X_t - (1 - mu) A_t with X_t = E_{t-1} + (1 - mu) g_t (``momentum_rules``); at full rank / fraction 1
 that is the EMA step above to float rounding. Not yet under torch.distributed (refused at construction).
 
+The math is in ``functional`` (pure functions over lists of tensors: the momentum forms, the orthogonalizer
+calls, the update, AdamW through torch's fused / foreach kernels); this class owns the state, the plans, the
+buckets and the ranks, as torch's optimizers keep ``_multi_tensor_*`` / ``_fused_*`` behind a thin class.
+
 Under torch.distributed each Muon layer's expensive part runs on one owner rank and the results are
 all-gathered (DDP), or gathered to and scattered from the owner (FSDP2): see ``distributed``.
 
