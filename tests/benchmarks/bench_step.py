@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import inspect
 import json
 import math
 import os
@@ -261,25 +260,16 @@ def has_gram() -> bool:
 
 
 def gram_flops(shape: tuple[int, int], config: OrthoConfig) -> float:
-    """muonprof's own Gram Newton-Schulz flop count for ``config``, NaN where this muonprof has none.
+    """muonprof's own Gram Newton-Schulz flop count for ``config`` (restarts included), NaN where it has none.
 
-    The count lives with the implementation (``muonprof.ortho.gram.gram_newton_schulz_flops``); its
-    restart setting is passed under whichever parameter name the function and ``OrthoConfig`` share, so
-    this keeps working whatever the field ends up being called.
+    The count lives with the implementation (``muonprof.ortho.gram.configured_newton_schulz_flops``), so
+    the benchmark counts what the code does rather than a second opinion of it.
     """
     try:
-        from muonprof.ortho.gram import gram_newton_schulz_flops  # type: ignore[import-not-found]
+        from muonprof.ortho.gram import configured_newton_schulz_flops  # type: ignore[import-not-found]
     except ImportError:
         return math.nan
-    shared = {
-        name: getattr(config, name)
-        for name in inspect.signature(gram_newton_schulz_flops).parameters
-        if name not in ("m", "n", "steps", "cubic") and hasattr(config, name)
-    }
-    try:
-        return float(gram_newton_schulz_flops(*shape, config.ns_steps, **shared))
-    except TypeError:
-        return math.nan
+    return float(configured_newton_schulz_flops(*shape, config))
 
 
 def ortho_flops(shape: tuple[int, int], config: OrthoConfig) -> float:
@@ -332,6 +322,9 @@ class Contender:
     matrix_flops: Callable[[int, int], float] | None = None
     spectral: OrthoConfig | None = None  # its update as a spectral polynomial (descent share), if it is one
     resets_grads: bool = False  # its step consumes/overwrites .grad: re-set the fixed grads before each step
+    # A row that depends on another library or on a muonprof feature still landing (peers, gram): if it
+    # cannot be built, it is skipped with its one-line reason instead of ending the run.
+    optional: bool = False
 
 
 def contenders(
@@ -365,7 +358,9 @@ def contenders(
         Contender("pm_lowrank_bf16", f"ProfiledMuon lowrank r{rank}", "bfloat16", "bf16", pm(profile(**lowrank))),
     ]
     if has_gram():  # Gram Newton-Schulz landed in muonprof: its rows appear by themselves
-        rows.append(Contender("pm_gram", "ProfiledMuon gram (NS5)", "bfloat16", "bf16", pm(profile(gram=True))))
+        rows.append(
+            Contender("pm_gram", "ProfiledMuon gram (NS5)", "bfloat16", "bf16", pm(profile(gram=True)), optional=True)
+        )
         for k in pe_steps:
             rows.append(
                 Contender(
@@ -374,6 +369,7 @@ def contenders(
                     "bfloat16",
                     "bf16",
                     pm(profile(gram=True, coefficients="polar_express", ns_steps=k)),
+                    optional=True,
                 )
             )
     skipped = []
@@ -394,6 +390,7 @@ def contenders(
                 matrix_flops=peer.matrix_flops,
                 spectral=peer.spectral,
                 resets_grads=peer.resets_grads,
+                optional=True,
             )
         )
     rows += [
@@ -680,10 +677,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         members = [c for c in chosen if c.group == group]
         if members:
             w = bf16_width if group == "bf16" else width
-            group_rows, group_parity, timing[group] = time_group(
+            group_rows, group_parity, timing[group], failed = time_group(
                 members, w, blocks, device, args, repeats, warmup, progress
             )
             rows += group_rows
+            skipped += failed
             parity = group_parity or parity
         gc.collect()
         if on_gpu:
@@ -768,8 +766,9 @@ def time_group(
     repeats: int,
     warmup: int,
     progress: Progress,
-) -> tuple[list[Row], dict[str, Any] | None, dict[str, Any]]:
-    """Time the contenders of one width with ``run_interleaved``; parity and update distance on the way.
+) -> tuple[list[Row], dict[str, Any] | None, dict[str, Any], list[str]]:
+    """Time the contenders of one width with ``run_interleaved``; parity and update distance on the way;
+    the last item lists the optional rows that could not be built.
 
     The first (warm-up) step of each starts from the same weights and gradients; torch.optim.Muon, when
     present, is listed first, so every other row's first update can be compared with its update right
@@ -781,9 +780,16 @@ def time_group(
     spectra = [torch.linalg.svdvals(fx.grads[n].double().cpu()) for n in names0]
     built: dict[str, tuple[Contender, Blocks, torch.optim.Optimizer, Row]] = {}
     entries = []
+    skipped: list[str] = []
     for c in members:
         model = fx.model(device)
-        opt = c.make(model)
+        try:
+            opt = c.make(model)
+        except Exception as err:
+            if not c.optional:
+                raise
+            skipped.append(f"{c.label}: skipped, could not be built: {type(err).__name__}: {err}".splitlines()[0])
+            continue
         row = Row(c.key, c.label, c.dtype, width, check_all_muon(opt, 4 * blocks, c), note=c.note)
         row.flops = step_flops(opt, fx.shapes(), c)
         row.descent_share = descent_share(spectra, spectral_configs(opt, names0, c))
@@ -825,7 +831,7 @@ def time_group(
         row = built[entry.key][3]
         row.times_s, row.warmup_s = entry.times_s, entry.warmup_s
         rows.append(row)
-    return rows, parity, timing
+    return rows, parity, timing, skipped
 
 
 def reset_grads(model: nn.Module, grads: dict[str, Tensor]) -> None:
@@ -907,7 +913,7 @@ def render(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     info, probes, cfg, unit = result["info"], result["probes"], result["config"], result["unit"]
     scale = 1e12 if unit == "TFLOP/s" else 1e9
     cpu = info["cpu"]
@@ -965,7 +971,7 @@ def render(result: dict[str, Any]) -> None:
 
     table = Table(title="one optimizer step (medians)", show_lines=False)
     for col, kw in (
-        ("contender", {}),
+        ("contender", {"no_wrap": True}),
         ("dtype", {}),
         ("d", {"justify": "right"}),
         ("n", {"justify": "right"}),

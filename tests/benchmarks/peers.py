@@ -230,7 +230,7 @@ def peers(heavyball_compiled: bool) -> list[Peer]:
         ),
         Peer(
             "kj_muon",
-            "muon-optimizer SingleDeviceMuon",
+            "muon-optimizer (KJ)",
             "muon",
             "bfloat16",
             "ns5-jordan-bf16",
