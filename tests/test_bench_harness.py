@@ -199,3 +199,15 @@ def test_bench_lm_step_end_to_end_tiny() -> None:
         assert agree[("pm_step", "muon")]["max_abs_diff"] == 0.0  # the default path is torch.optim.Muon's
         assert agree[("pm_step", "adamw")]["max_abs_diff"] < 1e-6
     assert len(result["targets"]) == (2 if HAS_TORCH_MUON else 1)
+
+
+def test_drop_slow_fp16_rows() -> None:
+    def row(key: str, dtype: str) -> bench_step.Contender:
+        return bench_step.Contender(key, key, dtype, "bf16", lambda m: None, matrix_flops=lambda m, n: 1e9)  # type: ignore[arg-type,return-value]
+
+    rows = [row("a", "float16"), row("b", "bfloat16")]
+    # 8 matrices x 1 GFLOP at 1 GFLOP/s = 8 s per step
+    kept, skipped = bench_step.drop_slow_fp16(rows, 128, 2, 1e9, budget_s=5)
+    assert [c.key for c in kept] == ["b"] and len(skipped) == 1 and "~8 s" in skipped[0]
+    kept, skipped = bench_step.drop_slow_fp16(rows, 128, 2, 1e9, budget_s=10)
+    assert [c.key for c in kept] == ["a", "b"] and not skipped

@@ -9,7 +9,14 @@ every row is reported as a fraction of the dense matmul rate measured here in th
 What is timed: ``optimizer.step()`` alone, on 12 GPT-2 blocks of bias-free ``nn.Linear`` layers
 (c_attn 768->2304, attn c_proj 768->768, c_fc 768->3072, mlp c_proj 3072->768: 48 matrices, 85M
 parameters) with fixed random gradients set once (no forward or backward pass). All contenders run in
-one process, one after the other, on freshly built copies of the same weights and gradients.
+one process, on freshly built copies of the same weights and gradients, in interleaved rounds whose
+order is shuffled every round (``run_interleaved``, shared with ``bench_lm_step``).
+
+Besides ProfiledMuon's recipes, the other Muon implementations a user could pick instead are timed on the
+same shapes (``peers.py``: optimuon's default and fastest configuration, HeavyBall's Muon, Keller Jordan's
+muon-optimizer; each skipped with an install line when missing), and, once muonprof has Gram
+Newton-Schulz (an ``OrthoConfig.gram`` field), ProfiledMuon's gram rows. Every row is reported as a
+ratio to torch.optim.Muon and as a share of the matmul rate in its dtype.
 
 CPUs differ wildly in bf16: with AMX or AVX512-BF16 it is faster than fp32, without either it can be a
 hundred times slower. So the bf16 and fp32 matmul rates are probed first; if one torch.optim.Muon step
@@ -19,7 +26,7 @@ the full width.
 
 Run from the repository root (excluded from the default pytest run)::
 
-    python -m tests.benchmarks.bench_step            # full run, ~3-4 min on 2 CPU cores
+    python -m tests.benchmarks.bench_step            # full run, ~10-15 min on 2 CPU cores (15 rows)
     python -m tests.benchmarks.bench_step --quick    # smoke test, well under a minute
     python -m tests.benchmarks.bench_step --device cuda --json bench-out/step.json
 """
