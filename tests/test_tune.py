@@ -193,8 +193,8 @@ def test_two_workers_share_one_journal_storage(files: dict[str, Path], tmp_path:
         from muonprof.bench import load_bench
         from muonprof.capture import load_spectra
         from muonprof.tune import tune_stage1
-        spectra = load_spectra({str(files["spectra"])!r})
-        r = tune_stage1(load_bench({str(files["bench"])!r}), spectra, storage={f"journal:{journal}"!r},
+        spectra = load_spectra({str(files['spectra'])!r})
+        r = tune_stage1(load_bench({str(files['bench'])!r}), spectra, storage={f'journal:{journal}'!r},
                         study_name="w", fingerprint=spectra.meta["fingerprint"], model="gpt2-tiny", trials=30,
                         seed=0, target_alignment=0.9, time_budget_s=None)
         print(r.trials_run)
