@@ -85,7 +85,9 @@ def _rank(ctx: WorkerContext, args: dict[str, Any]) -> dict[str, Any] | None:
     # same weights as doing every layer (it should: same kernels, exact all-gather).
     for opt in contenders.values():
         timed_step(opt, device)
-    parity = max(float((a - b).abs().max()) for a, b in zip(split_model.parameters(), all_model.parameters()))
+    parity = max(
+        float((a - b).abs().max()) for a, b in zip(split_model.parameters(), all_model.parameters())
+    )
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args["rounds"]):
         for name, opt in contenders.items():

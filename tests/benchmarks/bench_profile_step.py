@@ -96,10 +96,8 @@ def main() -> None:
         row = {"contender": name, "median_s": med, "min_s": min(samples), "max_s": max(samples)}
         row["vs_default"] = base / med
         rows.append(row)
-        print(
-            f"  {name:28s} {med * 1e3:9.1f} ms  (min {min(samples) * 1e3:.1f}, max {max(samples) * 1e3:.1f})  "
-            f"{base / med:5.2f}x vs default"
-        )
+        print(f"  {name:28s} {med * 1e3:9.1f} ms  (min {min(samples) * 1e3:.1f}, max {max(samples) * 1e3:.1f})  "
+              f"{base / med:5.2f}x vs default")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "device": str(device), "rows": rows}, indent=2))
