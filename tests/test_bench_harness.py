@@ -211,3 +211,25 @@ def test_drop_slow_fp16_rows() -> None:
     assert [c.key for c in kept] == ["b"] and len(skipped) == 1 and "~8 s" in skipped[0]
     kept, skipped = bench_step.drop_slow_fp16(rows, 128, 2, 1e9, budget_s=10)
     assert [c.key for c in kept] == ["a", "b"] and not skipped
+
+
+@pytest.mark.parametrize("key", ["optimuon_default", "optimuon_fast", "heavyball", "kj_muon"])
+def test_peer_grad_flag_matches_what_its_step_does(key: str) -> None:
+    """A peer not flagged ``resets_grads`` must leave ``.grad`` as it was, else later steps would see other
+    gradients than the rest; and a flagged one must really need it (else the flag costs a copy for nothing)."""
+    peer = next(p for p in peers.peers(heavyball_compiled=False) if p.key == key)
+    if peers.missing(peer) is not None:
+        pytest.skip(f"{peer.module} not installed")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(32, 64) * 0.02), torch.nn.Parameter(torch.randn(64, 64) * 0.02)]
+    grads = [torch.randn_like(p) for p in params]
+    start = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    hp = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
+    opt = peer.make(params, hp)
+    for _ in range(2):
+        opt.step()
+    unchanged = all(p.grad is not None and torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert unchanged != peer.resets_grads
+    assert not any(torch.equal(p.detach(), w0) for p, w0 in zip(params, start))  # it did step
