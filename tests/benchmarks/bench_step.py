@@ -336,8 +336,8 @@ class Contender:
 
 def contenders(
     has_torch_muon: bool, rank: int, *, pe_steps: tuple[int, ...] = (), heavyball_compiled: bool = True
-) -> tuple[list[Contender], list[str]]:
-    """Every row, and one line per peer row that is skipped because its library is not installed."""
+) -> tuple[list[Contender], list[tuple[str, str]]]:
+    """Every row, and (key, one line) per peer row that is skipped because its library is not installed."""
 
     def pm(prof: dict[str, Any] | None) -> MakeOptimizer:
         # named_parameters(), not the module: given a module, routing sends the last Linear to AdamW as an
@@ -383,7 +383,7 @@ def contenders(
     for peer in peer_defs.peers(heavyball_compiled):
         why = peer_defs.missing(peer)
         if why is not None:
-            skipped.append(why)
+            skipped.append((peer.key, why))
             continue
         rows.append(
             Contender(
@@ -666,10 +666,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shrunk = bf16_width != width
     rank = min(LOWRANK_RANK, bf16_width)
     has_torch_muon = hasattr(torch.optim, "Muon")
-    chosen, skipped = contenders(
+    chosen, missing = contenders(
         has_torch_muon, rank, pe_steps=tuple(args.pe_steps), heavyball_compiled=heavyball_compiled
     )
     chosen = [c for c in chosen if not args.only or c.key in args.only]
+    skipped = [line for key, line in missing if not args.only or key in args.only]
     if any(c.dtype == "float16" for c in chosen):
         probes["float16"] = probe_matmul(torch.float16, device, max_n=max_n)
         progress.tick(f"float16 matmul {probes['float16']['flops_per_s'] / 1e9:,.1f} GFLOP/s")
