@@ -9,7 +9,14 @@ every row is reported as a fraction of the dense matmul rate measured here in th
 What is timed: ``optimizer.step()`` alone, on 12 GPT-2 blocks of bias-free ``nn.Linear`` layers
 (c_attn 768->2304, attn c_proj 768->768, c_fc 768->3072, mlp c_proj 3072->768: 48 matrices, 85M
 parameters) with fixed random gradients set once (no forward or backward pass). All contenders run in
-one process, one after the other, on freshly built copies of the same weights and gradients.
+one process, on freshly built copies of the same weights and gradients, in interleaved rounds whose
+order is shuffled every round (``run_interleaved``, shared with ``bench_lm_step``).
+
+Besides ProfiledMuon's recipes, the other Muon implementations a user could pick instead are timed on the
+same shapes (``peers.py``: optimuon's default and fastest configuration, HeavyBall's Muon, Keller Jordan's
+muon-optimizer; each skipped with an install line when missing), and, once muonprof has Gram
+Newton-Schulz (an ``OrthoConfig.gram`` field), ProfiledMuon's gram rows. Every row is reported as a
+ratio to torch.optim.Muon and as a share of the matmul rate in its dtype.
 
 CPUs differ wildly in bf16: with AMX or AVX512-BF16 it is faster than fp32, without either it can be a
 hundred times slower. So the bf16 and fp32 matmul rates are probed first; if one torch.optim.Muon step
@@ -19,7 +26,7 @@ the full width.
 
 Run from the repository root (excluded from the default pytest run)::
 
-    python -m tests.benchmarks.bench_step            # full run, ~3-4 min on 2 CPU cores
+    python -m tests.benchmarks.bench_step            # full run, ~10-15 min on 2 CPU cores (15 rows)
     python -m tests.benchmarks.bench_step --quick    # smoke test, well under a minute
     python -m tests.benchmarks.bench_step --device cuda --json bench-out/step.json
 """
@@ -28,11 +35,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import gc
 import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -55,11 +65,19 @@ from muonprof import ProfiledMuon
 from muonprof.ortho.config import OrthoConfig
 from muonprof.ortho.lowrank import lowrank_flops
 from muonprof.ortho.newton_schulz import newton_schulz_flops
+from muonprof.ortho.spectral import predict
+
+try:
+    from tests.benchmarks import peers as peer_defs
+except ImportError:  # run as a script: this folder is sys.path[0]
+    import peers as peer_defs  # type: ignore[no-redef]
 
 PROFILE_FORMAT = "muonprof.profile/1"
 GPT2_WIDTH = 768
 GPT2_BLOCKS = 12
 LOWRANK_RANK = 96
+PE_STEPS = (3, 4, 5)  # the "gram + polar_express x k" rows
+GRAM_TARGET = 0.6  # the issue's full-rank target: <= 0.6x torch.optim.Muon's step
 # One set of hyper-parameters for every contender, so that the default ProfiledMuon and torch.optim.Muon
 # can be compared parameter for parameter after a step (weight decay on, to exercise that path too;
 # --weight-decay changes it for all rows).
@@ -243,8 +261,28 @@ def torch_muon_step_flops(shapes: list[tuple[int, int]]) -> float:
     return sum(newton_schulz_flops(m, n, 5) for m, n in shapes)
 
 
+def has_gram() -> bool:
+    """Whether this muonprof's OrthoConfig has the ``gram`` field (Gram Newton-Schulz): the gram rows need it."""
+    return "gram" in {f.name for f in dataclasses.fields(OrthoConfig)}
+
+
+def gram_flops(shape: tuple[int, int], config: OrthoConfig) -> float:
+    """muonprof's own Gram Newton-Schulz flop count for ``config`` (restarts included), NaN where it has none.
+
+    The count lives with the implementation (``muonprof.ortho.gram.configured_newton_schulz_flops``), so
+    the benchmark counts what the code does rather than a second opinion of it.
+    """
+    try:
+        from muonprof.ortho.gram import configured_newton_schulz_flops  # type: ignore[import-not-found]
+    except ImportError:
+        return math.nan
+    return float(configured_newton_schulz_flops(*shape, config))
+
+
 def ortho_flops(shape: tuple[int, int], config: OrthoConfig) -> float:
     if config.method == "newton_schulz":
+        if getattr(config, "gram", False):
+            return gram_flops(shape, config)
         return newton_schulz_flops(*shape, config.ns_steps)
     if config.method in ("lowrank", "rsvd"):
         return lowrank_flops(*shape, config)
@@ -275,18 +313,33 @@ def profile(**defaults: Any) -> dict[str, Any]:
     return {"format": PROFILE_FORMAT, "defaults": defaults, "layers": {}}
 
 
+MakeOptimizer = Callable[[Blocks], torch.optim.Optimizer]
+
+
 @dataclass
 class Contender:
     key: str
     label: str
     dtype: str  # the dtype the orthogonalizer computes in
     group: str  # "bf16" (runs at the bf16 width) or "fp32" (always full width)
-    make: Callable[[Blocks], torch.optim.Optimizer]
+    make: MakeOptimizer
     note: str = ""
+    # Not ProfiledMuon: what it computes (ProfiledMuon rows read it from describe() and their plans).
+    ortho: str | None = None
+    matrix_flops: Callable[[int, int], float] | None = None
+    spectral: OrthoConfig | None = None  # its update as a spectral polynomial (descent share), if it is one
+    resets_grads: bool = False  # its step consumes/overwrites .grad: re-set the fixed grads before each step
+    # A row that depends on another library or on a muonprof feature still landing (peers, gram): if it
+    # cannot be built, it is skipped with its one-line reason instead of ending the run.
+    optional: bool = False
 
 
-def contenders(has_torch_muon: bool, rank: int) -> list[Contender]:
-    def pm(prof: dict[str, Any] | None) -> Callable[[Blocks], torch.optim.Optimizer]:
+def contenders(
+    has_torch_muon: bool, rank: int, *, pe_steps: tuple[int, ...] = (), heavyball_compiled: bool = True
+) -> tuple[list[Contender], list[tuple[str, str]]]:
+    """Every row, and (key, one line) per peer row that is skipped because its library is not installed."""
+
+    def pm(prof: dict[str, Any] | None) -> MakeOptimizer:
         # named_parameters(), not the module: given a module, routing sends the last Linear to AdamW as an
         # "output head"; as (name, param) pairs every matrix goes to Muon, which is what we time.
         return lambda model: ProfiledMuon(model.named_parameters(), prof, **HPARAMS)
@@ -301,12 +354,53 @@ def contenders(has_torch_muon: bool, rank: int) -> list[Contender]:
                 "bfloat16",
                 "bf16",
                 lambda model: torch.optim.Muon(model.parameters(), **HPARAMS),  # type: ignore[attr-defined]
+                ortho="ns5-jordan-bf16 (torch)",
+                matrix_flops=lambda m, n: newton_schulz_flops(m, n, 5),
+                spectral=OrthoConfig(),
             )
         )
     rows += [
         Contender("pm_default", "ProfiledMuon default (NS5)", "bfloat16", "bf16", pm(None), "profile=None"),
         Contender("pm_ns3_bf16", "ProfiledMuon NS3", "bfloat16", "bf16", pm(profile(ns_steps=3))),
         Contender("pm_lowrank_bf16", f"ProfiledMuon lowrank r{rank}", "bfloat16", "bf16", pm(profile(**lowrank))),
+    ]
+    if has_gram():  # Gram Newton-Schulz landed in muonprof: its rows appear by themselves
+        rows.append(
+            Contender("pm_gram", "ProfiledMuon gram (NS5)", "bfloat16", "bf16", pm(profile(gram=True)), optional=True)
+        )
+        for k in pe_steps:
+            rows.append(
+                Contender(
+                    f"pm_gram_pe{k}",
+                    f"ProfiledMuon gram + polar_express x{k}",
+                    "bfloat16",
+                    "bf16",
+                    pm(profile(gram=True, coefficients="polar_express", ns_steps=k)),
+                    optional=True,
+                )
+            )
+    skipped = []
+    for peer in peer_defs.peers(heavyball_compiled):
+        why = peer_defs.missing(peer)
+        if why is not None:
+            skipped.append((peer.key, why))
+            continue
+        rows.append(
+            Contender(
+                peer.key,
+                peer.label,
+                peer.dtype,
+                "bf16",
+                lambda model, make=peer.make: make(list(model.parameters()), dict(HPARAMS)),
+                peer.note,
+                ortho=peer.ortho,
+                matrix_flops=peer.matrix_flops,
+                spectral=peer.spectral,
+                resets_grads=peer.resets_grads,
+                optional=True,
+            )
+        )
+    rows += [
         Contender("pm_ns5_fp32", "ProfiledMuon NS5", "float32", "fp32", pm(profile(dtype="float32"))),
         Contender("pm_ns3_fp32", "ProfiledMuon NS3", "float32", "fp32", pm(profile(ns_steps=3, dtype="float32"))),
         Contender(
@@ -317,7 +411,7 @@ def contenders(has_torch_muon: bool, rank: int) -> list[Contender]:
             pm(profile(**lowrank, dtype="float32")),
         ),
     ]
-    return rows
+    return rows, skipped
 
 
 @dataclass
@@ -338,13 +432,19 @@ class Row:
     fraction_of_matmul: float = math.nan
     time_vs_torch: float | None = None
     speedup_vs_ns5_same_dtype: float | None = None
+    # Predicted alignment <G, O> / (||G||_* ||O||_op) of the row's update on the fixture gradients' spectra
+    # (block 0), from the spectral model; None where the update is not a pure polynomial of the spectrum.
+    descent_share: float | None = None
+    # ||dW - dW_torch||_F / ||dW_torch||_F after the first step from the same weights: how far the row's
+    # update is from torch.optim.Muon's (0 for the same recipe; a different polynomial gives ~0.1-0.5).
+    update_vs_torch: float | None = None
     note: str = ""
 
 
-def check_all_muon(opt: torch.optim.Optimizer, expected: int) -> str:
+def check_all_muon(opt: torch.optim.Optimizer, expected: int, contender: Contender) -> str:
     """Every matrix must be on the Muon path, else the row would time AdamW for part of the model."""
     if not isinstance(opt, ProfiledMuon):
-        return "ns5-jordan-bf16 (torch)"
+        return contender.ortho or "?"
     rows = opt.describe()
     muon = [r for r in rows if r["optimizer"] == "muon"]
     if len(muon) != expected or len(rows) != expected:
@@ -353,28 +453,46 @@ def check_all_muon(opt: torch.optim.Optimizer, expected: int) -> str:
     return ", ".join(labels)
 
 
-def step_flops(opt: torch.optim.Optimizer, shapes: list[tuple[int, int]]) -> float:
-    if not isinstance(opt, ProfiledMuon):
-        return torch_muon_step_flops(shapes)
-    return sum(ortho_flops(plan.matrix_shape, plan.ortho) for plan in opt.plans.values() if plan.ortho is not None)
+def step_flops(opt: torch.optim.Optimizer, shapes: list[tuple[int, int]], contender: Contender) -> float:
+    if isinstance(opt, ProfiledMuon):
+        plans = [plan for plan in opt.plans.values() if plan.ortho is not None]
+        return sum(ortho_flops(plan.matrix_shape, plan.ortho) for plan in plans)  # type: ignore[arg-type]
+    if contender.matrix_flops is None:
+        return math.nan
+    return sum(contender.matrix_flops(m, n) for m, n in shapes)
 
 
-def timed_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
-    """Seconds for one ``opt.step()``.
+def spectral_configs(opt: torch.optim.Optimizer, names: list[str], contender: Contender) -> list[OrthoConfig] | None:
+    """The config whose spectral polynomial is the row's update, per matrix in ``names`` (None: not modelled)."""
+    if isinstance(opt, ProfiledMuon):
+        configs = [opt.plans[name].ortho for name in names]
+        return None if any(c is None for c in configs) else configs  # type: ignore[return-value]
+    return None if contender.spectral is None else [contender.spectral] * len(names)
 
-    CUDA: the step sits between a synchronize and a pair of events, so launch overhead counts (a
+
+def descent_share(spectra: list[Tensor], configs: list[OrthoConfig] | None) -> float | None:
+    """Mean predicted alignment over the given matrices (see ``Row.descent_share``)."""
+    if configs is None:
+        return None
+    return statistics.fmean(predict(s, c)["alignment"] for s, c in zip(spectra, configs))
+
+
+def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds for one ``fn()`` (an optimizer step).
+
+    CUDA: the call sits between a synchronize and a pair of events, so launch overhead counts (a
     launch-bound step is slow however idle the GPU) and no step overlaps the next.
     """
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
-        opt.step()
+        fn()
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
-    opt.step()
+    fn()
     return time.perf_counter() - t0
 
 
@@ -393,6 +511,90 @@ class Progress:
             print(f"  [{self.prefix}] {message}", file=sys.stderr, flush=True)
 
 
+# --------------------------------------------------------------------------- interleaved timing
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages: a reader can tell a quiet measurement from a noisy one."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+@dataclass
+class Timed:
+    """One contender of an interleaved measurement: a step to time and what to do, untimed, before it."""
+
+    key: str
+    label: str
+    step: Callable[[], Any]
+    before: Callable[[], None] | None = None  # e.g. re-set gradients a step consumed
+    times_s: list[float] = field(default_factory=list)
+    warmup_s: list[float] = field(default_factory=list)
+
+
+def run_interleaved(
+    entries: list[Timed],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    max_mean_s: float,
+    seed: int,
+    progress: Progress,
+    after_first: Callable[[Timed], None] | None = None,
+) -> dict[str, Any]:
+    """Step every entry once per round, in an order shuffled each round; fill ``times_s`` / ``warmup_s``.
+
+    Round by round rather than one contender after the other because a shared or throttled machine
+    drifts over minutes: interleaving spreads the drift over every contender instead of biasing a ratio,
+    and shuffling keeps one contender from always running after the same neighbour (cache, allocator,
+    turbo state). The first warm-up round runs in the given order and calls ``after_first`` after each
+    entry's step (a parity check can then compare against the entry listed first). Timing stops after
+    ``repeats`` rounds, or once the entries spent ``max_mean_s`` each on average and 3 rounds are done
+    (0: no cap). Returns the load averages before and after and the number of timed rounds.
+    """
+    order = random.Random(seed)
+    load_before = load_average()
+
+    def one(entry: Timed, sink: list[float], what: str) -> None:
+        progress.start(entry.label)
+        if entry.before is not None:
+            entry.before()
+        sink.append(timed_call(entry.step, device))
+        progress.tick(f"{what} {len(sink)} {sink[-1] * 1e3:,.1f} ms")
+
+    for i in range(max(warmup, 1)):
+        shuffled = entries[:]
+        if i:
+            order.shuffle(shuffled)
+        for entry in shuffled:
+            one(entry, entry.warmup_s, "warm-up")
+            if i == 0 and after_first is not None:
+                after_first(entry)
+    spent, rounds = 0.0, 0
+    budget = max_mean_s * len(entries)
+    while rounds < repeats and not (rounds >= min(3, repeats) and spent >= budget > 0):
+        shuffled = entries[:]
+        order.shuffle(shuffled)
+        for entry in shuffled:
+            one(entry, entry.times_s, "step")
+            spent += entry.times_s[-1]
+        rounds += 1
+    return {"load_before": load_before, "load_after": load_average(), "rounds": rounds, "order_seed": seed}
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, min, max and interquartile range (NaN with fewer than 4 samples) of ``times``."""
+    t = sorted(times)
+    iqr = math.nan
+    if len(t) >= 4:
+        q = statistics.quantiles(t, n=4)
+        iqr = q[2] - q[0]
+    return {"median_s": statistics.median(t), "min_s": t[0], "max_s": t[-1], "iqr_s": iqr}
+
+
 # --------------------------------------------------------------------------- parity
 
 
@@ -407,6 +609,16 @@ def compare_params(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Any]
             max_abs = max(max_abs, diff)
             max_rel = max(max_rel, diff / max(x.float().abs().max().item(), 1e-30))
     return {"exact": differing == 0, "differing_matrices": differing, "max_abs_diff": max_abs, "max_rel_diff": max_rel}
+
+
+def update_distance(before: dict[str, Tensor], after: dict[str, Tensor], ref_after: dict[str, Tensor]) -> float:
+    """||dW - dW_ref||_F / ||dW_ref||_F over all matrices, with dW = after - before (see ``Row.update_vs_torch``)."""
+    num = den = 0.0
+    for name, w0 in before.items():
+        d_ref = ref_after[name].double() - w0.double()
+        num += float((after[name].double() - w0.double() - d_ref).square().sum())
+        den += float(d_ref.square().sum())
+    return math.sqrt(num / den) if den > 0 else math.nan
 
 
 # --------------------------------------------------------------------------- run
@@ -435,9 +647,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_n = 8192 if on_gpu else 2048
     if width % 64:
         raise SystemExit(f"--width must be a multiple of 64, got {width}")
+    if any(k < 1 or k > 8 for k in args.pe_steps):
+        raise SystemExit(f"--pe-steps: polar_express has 8 steps; got {args.pe_steps}")
+    heavyball_compiled = {"on": True, "off": False, "auto": not args.quick}[args.heavyball_compile]
     progress = Progress(not args.silent)
 
     info = device_info(device)
+    info["peers"] = {m: peer_defs.installed_version(m) for m in ("optimuon", "heavyball", "muon")}
     progress.start("probe")
     probes = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
@@ -445,22 +661,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress.tick(f"{name} matmul {probes[name]['flops_per_s'] / 1e9:,.1f} GFLOP/s at n={probes[name]['best_n']}")
     ratio = probes["bfloat16"]["flops_per_s"] / probes["float32"]["flops_per_s"]
     bf16_native = ratio >= 0.5
-    unit = "TFLOP/s" if max(p["flops_per_s"] for p in probes.values()) >= 1e12 else "GFLOP/s"
 
     bf16_width, torch_estimate_s = pick_bf16_width(width, blocks, probes["bfloat16"]["flops_per_s"], args.bf16_budget_s)
     shrunk = bf16_width != width
     rank = min(LOWRANK_RANK, bf16_width)
     has_torch_muon = hasattr(torch.optim, "Muon")
+    chosen, missing = contenders(
+        has_torch_muon, rank, pe_steps=tuple(args.pe_steps), heavyball_compiled=heavyball_compiled
+    )
+    chosen = [c for c in chosen if not args.only or c.key in args.only]
+    skipped = [line for key, line in missing if not args.only or key in args.only]
+    if any(c.dtype == "float16" for c in chosen):
+        probes["float16"] = probe_matmul(torch.float16, device, max_n=max_n)
+        progress.tick(f"float16 matmul {probes['float16']['flops_per_s'] / 1e9:,.1f} GFLOP/s")
+        chosen, slow = drop_slow_fp16(chosen, bf16_width, blocks, probes["float16"]["flops_per_s"], args.bf16_budget_s)
+        skipped += slow
+    unit = "TFLOP/s" if max(p["flops_per_s"] for p in probes.values()) >= 1e12 else "GFLOP/s"
 
-    chosen = [c for c in contenders(has_torch_muon, rank) if not args.only or c.key in args.only]
     rows: list[Row] = []
     parity: dict[str, Any] | None = None
+    timing: dict[str, Any] = {}
     for group in ("bf16", "fp32"):
         members = [c for c in chosen if c.group == group]
         if members:
             w = bf16_width if group == "bf16" else width
-            group_rows, group_parity = time_group(members, w, blocks, device, args, repeats, warmup, progress)
+            group_rows, group_parity, timing[group], failed = time_group(
+                members, w, blocks, device, args, repeats, warmup, progress
+            )
             rows += group_rows
+            skipped += failed
             parity = group_parity or parity
         gc.collect()
         if on_gpu:
@@ -469,20 +698,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Statistics first, then ratios (a row's reference may come after it).
     by_key = {r.key: r for r in rows}
     for r in rows:
-        t = sorted(r.times_s)
-        r.median_s = statistics.median(t)
-        r.min_s, r.max_s = t[0], t[-1]
-        if len(t) >= 4:
-            q = statistics.quantiles(t, n=4)
-            r.iqr_s = q[2] - q[0]
+        for k, v in summarize(r.times_s).items():
+            setattr(r, k, v)
         r.achieved_flops_per_s = r.flops / r.median_s
         r.fraction_of_matmul = r.achieved_flops_per_s / probes[r.dtype]["flops_per_s"]
     for r in rows:
         ref = by_key.get("torch_muon")
         if ref is not None and ref.width == r.width:
             r.time_vs_torch = r.median_s / ref.median_s
-        ns5 = by_key.get("pm_default" if r.dtype == "bfloat16" else "pm_ns5_fp32")
-        if ns5 is not None and ns5.width == r.width:
+        ns5 = by_key.get("pm_ns5_fp32" if r.dtype == "float32" else "pm_default")
+        if ns5 is not None and ns5.width == r.width and ns5.dtype == r.dtype:
             r.speedup_vs_ns5_same_dtype = ns5.median_s / r.median_s
 
     targets = evaluate_targets(by_key, on_gpu)
@@ -503,14 +728,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup": warmup,
             "max_row_s": args.max_row_s,
             "lowrank_rank": rank,
+            "pe_steps": list(args.pe_steps),
+            "heavyball_compiled": heavyball_compiled,
+            "has_gram": has_gram(),
             "hparams": HPARAMS,
             "quick": args.quick,
             "has_torch_muon": has_torch_muon,
         },
+        "skipped": skipped,
+        "timing": timing,
         "rows": [asdict(r) for r in rows],
         "parity": parity,
         "targets": targets,
     }
+
+
+def drop_slow_fp16(
+    chosen: list[Contender], width: int, blocks: int, fp16_rate: float, budget_s: float
+) -> tuple[list[Contender], list[str]]:
+    """Drop float16 rows whose step, estimated from its flops at the probed fp16 rate, exceeds ``budget_s``.
+
+    fp16 on a CPU without AVX512-FP16 / AMX-FP16 can run at a few GFLOP/s: one optimuon-default step at
+    GPT-2 size would then take minutes. The skip line says so instead.
+    """
+    shapes = [(o, i) for _, i, o in gpt2_shapes(width, blocks)]
+    keep, skipped = [], []
+    for c in chosen:
+        est = sum(c.matrix_flops(m, n) for m, n in shapes) / fp16_rate if c.matrix_flops else 0.0
+        if c.dtype == "float16" and est > budget_s:
+            skipped.append(
+                f"{c.label}: skipped, one step would take ~{est:.0f} s at the probed fp16 rate "
+                f"({fp16_rate / 1e9:.1f} GFLOP/s) > --bf16-budget-s {budget_s:g}"
+            )
+        else:
+            keep.append(c)
+    return keep, skipped
 
 
 def time_group(
@@ -522,53 +774,82 @@ def time_group(
     repeats: int,
     warmup: int,
     progress: Progress,
-) -> tuple[list[Row], dict[str, Any] | None]:
-    """Time the contenders of one width round-robin: step each once per round.
+) -> tuple[list[Row], dict[str, Any] | None, dict[str, Any], list[str]]:
+    """Time the contenders of one width with ``run_interleaved``; parity and update distance on the way;
+    the last item lists the optional rows that could not be built.
 
-    Round-robin rather than one row after the other because a shared or thermally throttled machine
-    drifts over minutes; interleaving spreads that drift over every row instead of biasing the ratios.
-    The first (warm-up) step of each starts from the same weights and gradients, which is what the
-    parity check between torch.optim.Muon and the default ProfiledMuon compares.
+    The first (warm-up) step of each starts from the same weights and gradients; torch.optim.Muon, when
+    present, is listed first, so every other row's first update can be compared with its update right
+    after that step (then dropped: keeping every row's weights would cost a model copy each).
     """
     fx = Fixture.make(width, blocks, device, args.seed)
-    built: list[tuple[Contender, Blocks, torch.optim.Optimizer, Row]] = []
+    members = sorted(members, key=lambda c: c.key != "torch_muon")  # torch first: the reference
+    names0 = [name for name, *_ in gpt2_shapes(width, blocks)[:4]]  # block 0: the descent-share sample
+    spectra = [torch.linalg.svdvals(fx.grads[n].double().cpu()) for n in names0]
+    built: dict[str, tuple[Contender, Blocks, torch.optim.Optimizer, Row]] = {}
+    entries = []
+    skipped: list[str] = []
     for c in members:
         model = fx.model(device)
-        opt = c.make(model)
-        row = Row(c.key, c.label, c.dtype, width, check_all_muon(opt, 4 * blocks), note=c.note)
-        row.flops = step_flops(opt, fx.shapes())
-        built.append((c, model, opt, row))
-    del fx
+        try:
+            opt = c.make(model)
+        except Exception as err:
+            if not c.optional:
+                raise
+            skipped.append(f"{c.label}: skipped, could not be built: {type(err).__name__}: {err}".splitlines()[0])
+            continue
+        row = Row(c.key, c.label, c.dtype, width, check_all_muon(opt, 4 * blocks, c), note=c.note)
+        row.flops = step_flops(opt, fx.shapes(), c)
+        row.descent_share = descent_share(spectra, spectral_configs(opt, names0, c))
+        built[c.key] = (c, model, opt, row)
+        before = functools.partial(reset_grads, model, fx.grads) if c.resets_grads else None
+        entries.append(Timed(c.key, f"{c.label} {c.dtype} d={width}", opt.step, before))
 
-    after_first: dict[str, dict[str, Tensor]] = {}
-    for i in range(max(warmup, 1)):
-        for c, model, opt, row in built:
-            progress.start(f"{c.label} {c.dtype} d={width}")
-            synchronize(device)
-            t0 = time.perf_counter()
-            opt.step()
-            synchronize(device)
-            row.warmup_s.append(time.perf_counter() - t0)
-            progress.tick(f"warm-up {row.warmup_s[-1] * 1e3:.0f} ms")
-            if i == 0 and c.key in ("torch_muon", "pm_default"):
-                after_first[c.key] = {n: p.detach().clone() for n, p in model.named_parameters()}
-    parity = None
-    if len(after_first) == 2:
-        parity = {"width": width, **compare_params(after_first["torch_muon"], after_first["pm_default"])}
-    del after_first
+    reference: dict[str, dict[str, Tensor]] = {}
+    parity: dict[str, Any] | None = None
 
-    spent = 0.0
-    budget = args.max_row_s * len(built)
-    rounds = 0
-    while rounds < repeats and not (rounds >= min(3, repeats) and spent >= budget > 0):
-        for c, _, opt, row in built:
-            progress.start(f"{c.label} {c.dtype} d={width}")
-            seconds = timed_step(opt, device)
-            row.times_s.append(seconds)
-            spent += seconds
-            progress.tick(f"step {len(row.times_s)} {seconds * 1e3:.0f} ms")
-        rounds += 1
-    return [row for *_, row in built], parity
+    def after_first(entry: Timed) -> None:
+        nonlocal parity
+        c, model, _, row = built[entry.key]
+        after = {n: p.detach() for n, p in model.named_parameters()}
+        if c.key == "torch_muon":
+            reference.update({n: w.clone() for n, w in after.items()})
+            return
+        if reference:
+            row.update_vs_torch = update_distance(fx.weights, after, reference)
+            if c.key == "pm_default":
+                parity = {"width": width, **compare_params(reference, after)}
+        moved = any(not torch.equal(after[n], fx.weights[n]) for n in names0)
+        if not moved:
+            raise RuntimeError(f"{c.label}: its first step left the weights unchanged: it did no work")
+
+    timing = run_interleaved(
+        entries,
+        device,
+        warmup=warmup,
+        repeats=repeats,
+        max_mean_s=args.max_row_s,
+        seed=args.seed,
+        progress=progress,
+        after_first=after_first,
+    )
+    reference.clear()
+    rows = []
+    for entry in entries:
+        row = built[entry.key][3]
+        row.times_s, row.warmup_s = entry.times_s, entry.warmup_s
+        rows.append(row)
+    return rows, parity, timing, skipped
+
+
+def reset_grads(model: nn.Module, grads: dict[str, Tensor]) -> None:
+    """Put the fixed gradients back (for peers whose step consumes or overwrites ``.grad``); untimed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                p.grad = grads[name].clone()
+            else:
+                p.grad.copy_(grads[name])
 
 
 def evaluate_targets(by_key: dict[str, Row], on_gpu: bool) -> list[dict[str, Any]]:
@@ -593,7 +874,44 @@ def evaluate_targets(by_key: dict[str, Row], on_gpu: bool) -> list[dict[str, Any
         if ns5 and lr and ns5.width == lr.width:
             speedup = ns5.median_s / lr.median_s
             out.append({"target": f"{dtype}: lowrank r96 >= 4x faster than NS5", "value": speedup, "met": speedup >= 4})
+    gram = gram_target(by_key)
+    if gram is not None:
+        out.append(gram)
     return out
+
+
+def gram_target(by_key: dict[str, Row]) -> dict[str, Any] | None:
+    """Full-rank target: the fewest-step gram + Polar Express row that reaches the default's predicted descent
+    share must take <= GRAM_TARGET x torch.optim.Muon's step."""
+    default, torch_row = by_key.get("pm_default"), by_key.get("torch_muon")
+    if default is None or torch_row is None or default.descent_share is None:
+        return None
+    pe = sorted(
+        (r for r in by_key.values() if r.key.startswith("pm_gram_pe") and r.width == torch_row.width),
+        key=lambda r: int(r.key.removeprefix("pm_gram_pe")),
+    )
+    reaching = [r for r in pe if r.descent_share is not None and r.descent_share >= default.descent_share - 1e-9]
+    if not reaching:
+        return (
+            None
+            if not pe
+            else {
+                "target": f"gram + polar_express at the default's descent share ({default.descent_share:.3f}) "
+                f"<= {GRAM_TARGET}x torch.optim.Muon",
+                "value": math.nan,
+                "met": False,
+                "row": None,
+            }
+        )
+    r = reaching[0]
+    ratio = r.median_s / torch_row.median_s
+    return {
+        "target": f"{r.label} (descent share {r.descent_share:.3f} >= default's {default.descent_share:.3f}) "
+        f"<= {GRAM_TARGET}x torch.optim.Muon",
+        "value": ratio,
+        "met": ratio <= GRAM_TARGET,
+        "row": r.key,
+    }
 
 
 # --------------------------------------------------------------------------- output
@@ -603,7 +921,7 @@ def render(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     info, probes, cfg, unit = result["info"], result["probes"], result["config"], result["unit"]
     scale = 1e12 if unit == "TFLOP/s" else 1e9
     cpu = info["cpu"]
@@ -647,36 +965,53 @@ def render(result: dict[str, Any]) -> None:
         )
     if not cfg["has_torch_muon"]:
         console.print("[yellow]torch.optim.Muon is missing (torch < 2.9): no torch row, no ratios against it.[/yellow]")
+    peers_text = ", ".join(f"{m} {v or 'not installed'}" for m, v in info.get("peers", {}).items())
+    console.print(
+        f"peers: {peers_text}; HeavyBall compiled: {cfg['heavyball_compiled']}; gram in muonprof: {cfg['has_gram']}"
+    )
+    for line in result["skipped"]:
+        console.print(f"[yellow]{line}[/yellow]")
+    for group, t in result["timing"].items():
+        console.print(
+            f"timing {group}: {t['rounds']} interleaved rounds (order shuffled per round, seed {t['order_seed']}); "
+            f"load average before {t['load_before']}, after {t['load_after']}"
+        )
 
     table = Table(title="one optimizer step (medians)", show_lines=False)
     for col, kw in (
-        ("contender", {}),
+        ("contender", {"no_wrap": True}),
         ("dtype", {}),
         ("d", {"justify": "right"}),
         ("n", {"justify": "right"}),
         ("median ms", {"justify": "right"}),
+        ("IQR ms", {"justify": "right"}),
         ("min-max ms", {"justify": "right"}),
         ("GFLOP/step", {"justify": "right"}),
         (unit, {"justify": "right"}),
         ("% matmul", {"justify": "right"}),
         ("t / t_torch", {"justify": "right"}),
         ("x vs NS5 same dtype", {"justify": "right"}),
+        ("descent", {"justify": "right"}),
+        ("dW vs torch", {"justify": "right"}),
     ):
         table.add_column(col, **kw)
     for r in result["rows"]:
-        dt = "bf16" if r["dtype"] == "bfloat16" else "fp32"
+        dt = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[r["dtype"]]
         table.add_row(
             r["label"],
             dt,
             str(r["width"]),
             str(len(r["times_s"])),
             f"{r['median_s'] * 1e3:,.1f}",
+            "-" if not math.isfinite(r["iqr_s"]) else f"{r['iqr_s'] * 1e3:,.1f}",
             f"{r['min_s'] * 1e3:,.0f}-{r['max_s'] * 1e3:,.0f}",
-            f"{r['flops'] / 1e9:,.1f}",
+            "-" if not math.isfinite(r["flops"]) else f"{r['flops'] / 1e9:,.1f}",
             fmt_rate(r["achieved_flops_per_s"], unit),
-            f"{100 * r['fraction_of_matmul']:.0f}%",
+            "-" if not math.isfinite(r["fraction_of_matmul"]) else f"{100 * r['fraction_of_matmul']:.0f}%",
             "-" if r["time_vs_torch"] is None else f"{r['time_vs_torch']:.2f}",
             "-" if r["speedup_vs_ns5_same_dtype"] is None else f"{r['speedup_vs_ns5_same_dtype']:.2f}x",
+            "-" if r["descent_share"] is None else f"{r['descent_share']:.3f}",
+            "-" if r["update_vs_torch"] is None else f"{r['update_vs_torch']:.3f}",
         )
     console.print(table)
     console.print(
@@ -684,7 +1019,11 @@ def render(result: dict[str, Any]) -> None:
         "x vs NS5: how many times faster than 5-step Newton-Schulz in the same dtype and width. "
         "% matmul: counted matmul FLOP/s (newton_schulz_flops / lowrank_flops) over the probed dense rate "
         "in that dtype. "
-        "torch.optim.Muon always computes in bf16, so it has no fp32 counterpart."
+        "torch.optim.Muon always computes in bf16, so it has no fp32 counterpart. "
+        "IQR: interquartile range of the timed steps (- below 4 steps). "
+        "descent: the spectral model's predicted <G, O> / (||G||_* ||O||_op) on block 0's gradient spectra "
+        "(random Gaussian gradients: a fixture, not a training spectrum; - where the update is not a pure "
+        "polynomial, e.g. NorMuon). dW vs torch: ||dW - dW_torch|| / ||dW_torch|| after the first step."
     )
     parity = result["parity"]
     if parity is None:
@@ -727,6 +1066,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=None, help="number of blocks (default 12; --quick: 2)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--only", nargs="+", default=None, help="run only these rows (keys as in the JSON)")
+    p.add_argument(
+        "--pe-steps",
+        type=int,
+        nargs="+",
+        default=list(PE_STEPS),
+        help="steps k of the 'ProfiledMuon gram + polar_express xk' rows (need gram in OrthoConfig); default 3 4 5",
+    )
+    p.add_argument(
+        "--heavyball-compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="HeavyBall's torch.compile (its default; minutes of warm-up on a CPU): auto = on, off with --quick",
+    )
     p.add_argument("--weight-decay", type=float, default=0.01, help="for every row (default 0.01)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small model and 2 repeats: a smoke test, < 30 s")
