@@ -12,6 +12,7 @@ hyper-parameters, routed the same way (the torch contenders take ProfiledMuon's 
 - ``torch_muon``: ``torch.optim.Muon`` alone on the hidden matrices (how much of ``torch_split`` is Muon).
 - ``pm_adamw``: ProfiledMuon's AdamW group alone: the same optimizer with the hidden matrices' gradients
   set to None (a parameter without a gradient is skipped), so only its AdamW code runs.
+- ``pm_adamw_nocheck``: the same with ``skip_nonfinite=False``: the price of the per-layer non-finite check.
 - ``torch_adamw_fused``: ``torch.optim.AdamW(fused=True)`` alone on the same tensors.
 - ``torch_adamw_foreach``: ``torch.optim.AdamW(foreach=True)`` alone (the multi-tensor kernel, for scale).
 
@@ -177,6 +178,10 @@ def build_contenders(fx: LMFixture, has_torch_muon: bool) -> list[LMContender]:
     model = fx.copy(set(fx.adamw_names))
     pm = ProfiledMuon(model, None, **MUON, **pm_adamw_kwargs())
     out.append(LMContender("pm_adamw", "ProfiledMuon AdamW group", "adamw", model, pm.step, [pm]))
+    # The same without the per-layer non-finite check: what that check (one read of every gradient) costs.
+    model = fx.copy(set(fx.adamw_names))
+    pm = ProfiledMuon(model, None, skip_nonfinite=False, **MUON, **pm_adamw_kwargs())
+    out.append(LMContender("pm_adamw_nocheck", "ProfiledMuon AdamW, no NaN check", "adamw", model, pm.step, [pm]))
     for key, label, kw in (
         ("torch_adamw_fused", "torch AdamW(fused=True)", {"fused": True}),
         ("torch_adamw_foreach", "torch AdamW(foreach=True)", {"foreach": True}),
@@ -193,6 +198,7 @@ AGREEMENT = (
     ("pm_step", "torch_split", "adamw"),
     ("pm_step", "torch_split", "muon"),
     ("pm_adamw", "torch_adamw_fused", "adamw"),
+    ("pm_adamw_nocheck", "torch_adamw_fused", "adamw"),
     ("torch_adamw_foreach", "torch_adamw_fused", "adamw"),
 )
 
