@@ -73,6 +73,21 @@ class LayerSettings(_Strict):
         le=1,
         description="subset only: the share of the long side's rows (columns) orthogonalized each step, in (0, 1].",
     )
+    gram: StrictBool | None = Field(
+        None,
+        description=(
+            "Run the Newton-Schulz iteration (newton_schulz, or the Newton-Schulz core of lowrank / subset) as "
+            "Gram Newton-Schulz: the same polynomial on the short-side Gram matrix, fewer flops on rectangular "
+            "matrices."
+        ),
+    )
+    gram_restarts: list[int] | None = Field(
+        None,
+        description=(
+            "gram only: the steps after which Gram Newton-Schulz re-forms X and its Gram matrix (1-based, each "
+            "in [1, ns_steps - 1], increasing); unset: after every other step."
+        ),
+    )
     dtype: Literal["bfloat16", "float32"] | None = None
     eps: float | None = Field(None, gt=0)
     lr_rule: Literal["original", "match_rms_adamw", "spectral", "none"] | None = Field(
