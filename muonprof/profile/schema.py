@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 FORMAT = "muonprof.profile/1"
 
@@ -81,7 +81,7 @@ class LayerSettings(_Strict):
             "matrices."
         ),
     )
-    gram_restarts: list[int] | None = Field(
+    gram_restarts: list[Annotated[StrictInt, Field(ge=1)]] | None = Field(
         None,
         description=(
             "gram only: the steps after which Gram Newton-Schulz re-forms X and its Gram matrix (1-based, each "
