@@ -205,7 +205,8 @@ def _recipe_text(recipe: dict[str, Any]) -> str:
     if method == "svd":
         return "svd"
     dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(recipe.get("dtype", ""), recipe.get("dtype", ""))
-    ns = f"ns{recipe.get('ns_steps', '')}-{recipe.get('coefficients', '')}"
+    gram = "g" if recipe.get("gram") else ""  # Gram Newton-Schulz, as in OrthoConfig.label()
+    ns = f"{gram}ns{recipe.get('ns_steps', '')}-{recipe.get('coefficients', '')}"
     if method == "newton_schulz":
         return f"{ns} {dtype}".strip()
     extra = f" r{recipe.get('rank')}"

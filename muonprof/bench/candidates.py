@@ -13,6 +13,13 @@ lowrank (power, 1 iteration) and of rsvd (the momentum keeps what the rank-r upd
 default), both with the low-rank family's core and dtypes. Their one-step accuracy understates them: bench
 adds a multi-step figure when the spectra carry a gradient window (``bench.multistep``).
 
+Same math, fewer flops (DESIGN.md): ``gram`` adds a Gram Newton-Schulz twin (``ortho.gram``, default restarts)
+of every Newton-Schulz candidate. Its accuracy is its twin's polynomial (spectral model, nothing to simulate);
+only its timing is new, one per (steps, dtype, cubic pattern) like plain Newton-Schulz, and only on shapes
+where it saves flops: ``fits`` offers it when its flop count is at most ``GRAM_MAX_FLOP_RATIO`` of the plain
+iteration's (for 5 quintic steps, an aspect ratio of about 2.2 or more; never on square matrices, where it
+costs more).
+
 ``momentum_rank`` is not an orthogonalizer but a different optimizer state: the momentum is kept as
 rank-r randomized-SVD factors and the update is U V^T straight from them (``optim.lowrank_momentum``).
 It replaces Newton-Schulz entirely, so bench treats it as one more candidate (a ``MomentumRank``, not an
@@ -33,11 +40,14 @@ import torch
 from ..optim.state_memory import muon_state_bytes
 from ..ortho import METHODS, SCHEDULES, OrthoConfig
 from ..ortho.config import DTYPE_ALIASES, DTYPES
+from ..ortho.gram import configured_newton_schulz_flops
 
 BASELINE = OrthoConfig()  # torch.optim.Muon's default: 5 Jordan steps in bf16
 MOMENTUM_RANK = "momentum_rank"  # the low-rank-momentum family's name in --methods
 ERROR_FEEDBACK = "error_feedback"  # error-feedback twins of the low-rank candidates, in --methods
-GRID_METHODS: tuple[str, ...] = (*METHODS, MOMENTUM_RANK, ERROR_FEEDBACK)
+GRAM = "gram"  # Gram Newton-Schulz twins of the Newton-Schulz candidates, in --methods
+GRID_METHODS: tuple[str, ...] = (*METHODS, MOMENTUM_RANK, ERROR_FEEDBACK, GRAM)
+GRAM_MAX_FLOP_RATIO = 0.9  # offer a Gram twin where it needs <= 90% of plain Newton-Schulz's flops
 RANKED_METHODS = frozenset({"lowrank", "rsvd", MOMENTUM_RANK})
 DEFAULT_STEPS: tuple[int, ...] = tuple(range(1, 9))
 DEFAULT_SCHEDULES: tuple[str, ...] = ("jordan", "polar_express", "quintic", "cubic", "you")
@@ -250,6 +260,10 @@ def build_candidates(grid: GridSpec) -> list[Candidate]:
         for dtype in grid.dtypes:
             for schedule in grid.schedules:
                 out += [_config(ns_steps=s, coefficients=schedule, dtype=dtype) for s in grid.steps]
+    if GRAM in grid.methods:
+        for dtype in grid.dtypes:
+            for schedule in grid.schedules:
+                out += [_config(ns_steps=s, coefficients=schedule, dtype=dtype, gram=True) for s in grid.steps]
     if "svd" in grid.methods:
         out.append(_config(method="svd", dtype="float32"))
     for dtype in grid.lowrank_dtypes or grid.dtypes:
@@ -277,9 +291,14 @@ def build_candidates(grid: GridSpec) -> list[Candidate]:
 
 
 def fits(config: Candidate, shape: Sequence[int]) -> bool:
-    """Whether ``config`` makes sense on an m x n matrix: a rank must be below min(m, n) (else it is full)."""
+    """Whether ``config`` makes sense on an m x n matrix: a rank must be below min(m, n) (else it is full), and
+    a full Gram Newton-Schulz must save flops on this shape (``GRAM_MAX_FLOP_RATIO``)."""
     if config.method in RANKED_METHODS and config.rank is not None:
         return config.rank < min(shape[-2], shape[-1])
+    if isinstance(config, OrthoConfig) and config.method == "newton_schulz" and config.gram:
+        m, n = shape[-2], shape[-1]
+        plain = configured_newton_schulz_flops(m, n, config.replace(gram=False))
+        return configured_newton_schulz_flops(m, n, config) <= GRAM_MAX_FLOP_RATIO * plain
     return True
 
 

@@ -117,10 +117,13 @@ def momentum_rank_step(
 
 
 def cost_key(config: Candidate) -> str:
-    """What the timing of ``config`` depends on: for Newton-Schulz, steps, dtype and the cubic steps only."""
+    """What the timing of ``config`` depends on: for Newton-Schulz, steps, dtype and the cubic steps only (and,
+    for Gram Newton-Schulz, where it restarts)."""
     if config.method == "newton_schulz":
         rows = resolve_schedule(config.coefficients).coefficients(config.ns_steps)
         pattern = "".join("c" if c == 0.0 else "q" for _, _, c in rows)
+        if config.gram:
+            return f"gns:{config.dtype}:{pattern}:rs{'.'.join(map(str, config.restart_steps))}"
         return f"ns:{config.dtype}:{pattern}"
     return config.to_json()
 
@@ -130,6 +133,8 @@ def workspace_bytes(m: int, n: int, config: Candidate, batch: int = 1) -> int:
 
     With k = min(m, n), l = max(m, n), e = bytes of the compute dtype, sketch width w = rank + oversample:
     Newton-Schulz holds the cast input, X, the Gram A = X X^T, B = bA + cA^2 and the new X: e(3kl + 2k^2);
+    Gram Newton-Schulz holds the cast input, X, R, Z, Q, R Z and the new R (or Q), then Q X: e(3kl + 5k^2)
+    (and a Gram core of low-rank or subset holds 5 small squares instead of 2);
     SVD (float32) holds U, S, Vh, the product and about one copy as LAPACK workspace: 4(3kl + 2k^2);
     low-rank holds the unit-norm input and its cast, the sketch and its products, the core and its
     Newton-Schulz workspace, and the lifted result: 4(kl + 2lw + 3kw) + e(2kl + 3rl + 2r^2).
@@ -138,22 +143,23 @@ def workspace_bytes(m: int, n: int, config: Candidate, batch: int = 1) -> int:
     """
     k, long = min(m, n), max(m, n)
     e = 2 if config.dtype == "bfloat16" else 4
+    gram_squares = 5 if getattr(config, "gram", False) else 2  # small square matrices of the Newton-Schulz core
     if isinstance(config, MomentumRank):
         r = config.rank
         w = min(r + MOMENTUM_OVERSAMPLE, k)
         elems = 4 * (3 * k * long + 2 * long * w + 3 * k * w + (m + n + 1) * r)
     elif config.method == "newton_schulz":
-        elems = e * (3 * k * long + 2 * k * k)
+        elems = e * (3 * k * long + gram_squares * k * k)
     elif config.method == "svd":
         elems = 4 * (3 * k * long + 2 * k * k)
     elif config.method == "subset":
         # The gathered k x short rows, their Newton-Schulz workspace, the scattered update and the applied part.
         rows = subset_size((m, n), config.fraction or 1.0)
-        elems = e * (4 * rows * k + 2 * k * k) + e * k * long + 4 * k * long
+        elems = e * (4 * rows * k + gram_squares * k * k) + e * k * long + 4 * k * long
     else:
         r = config.rank or k
         w = r if config.range_finder == "columns" and config.method == "lowrank" else min(r + config.oversample, k)
-        elems = 4 * (k * long + 2 * long * w + 3 * k * w) + e * (2 * k * long + 3 * r * long + 2 * r * r)
+        elems = 4 * (k * long + 2 * long * w + 3 * k * w) + e * (2 * k * long + 3 * r * long + gram_squares * r * r)
         if config.error_feedback:
             elems += 4 * k * long  # the applied part Q Q^T X
     return int(elems * batch)

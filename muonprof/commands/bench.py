@@ -28,8 +28,9 @@ def bench_command(
         str | None,
         typer.Option(
             "--methods",
-            help="Comma list of newton_schulz, svd, lowrank, rsvd, momentum_rank (LiMuon's low-rank momentum; "
-            "default: all).",
+            help="Comma list of newton_schulz, svd, lowrank, rsvd, subset, momentum_rank (LiMuon's low-rank "
+            "momentum), error_feedback, gram (Gram Newton-Schulz twins of the Newton-Schulz candidates, on shapes "
+            "where they save flops); default: all.",
         ),
     ] = None,
     ranks: Annotated[

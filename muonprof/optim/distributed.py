@@ -27,8 +27,8 @@ from torch import Tensor
 from ..ortho.config import OrthoConfig
 from ..ortho.exact import svd_flops
 from ..ortho.feedback import feedback_flops, subset_flops
+from ..ortho.gram import configured_newton_schulz_flops
 from ..ortho.lowrank import lowrank_flops
-from ..ortho.newton_schulz import newton_schulz_flops
 from ..profile import LayerPlan, Profile
 from .lowrank_momentum import compression_flops
 
@@ -164,7 +164,7 @@ def ortho_flops(shape: tuple[int, int], ortho: OrthoConfig | None, momentum_rank
     ortho = ortho or OrthoConfig()
     if ortho.method == "newton_schulz":
         # Flops ignore that bf16 and fp32 run at different rates: the balance only needs relative costs.
-        return newton_schulz_flops(m, n, ortho.ns_steps)
+        return configured_newton_schulz_flops(m, n, ortho)
     if ortho.method == "svd":
         return svd_flops(m, n)
     if ortho.method == "subset":

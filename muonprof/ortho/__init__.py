@@ -11,6 +11,7 @@ from torch import Tensor
 from .config import METHODS, PRESETS, OrthoConfig
 from .exact import svd_polar
 from .feedback import applied_update, subset_orthogonalize
+from .gram import configured_newton_schulz, default_restarts, gram_newton_schulz, gram_newton_schulz_flops
 from .lowrank import Generators, lowrank_orthogonalize, rsvd_factors, rsvd_orthogonalize
 from .newton_schulz import newton_schulz
 from .quality import alignment, matrix_with_spectrum, rel_err, singular_range
@@ -25,6 +26,10 @@ __all__ = [
     "Schedule",
     "alignment",
     "applied_update",
+    "configured_newton_schulz",
+    "default_restarts",
+    "gram_newton_schulz",
+    "gram_newton_schulz_flops",
     "lowrank_orthogonalize",
     "matrix_with_spectrum",
     "model_singular_values",
@@ -54,13 +59,7 @@ def orthogonalize(G: Tensor, config: OrthoConfig | None = None, *, generator: Ge
         raise ValueError(f"orthogonalize expects (m, n) or (B, m, n), got shape {tuple(G.shape)}")
     config.check_shape(tuple(G.shape))
     if config.method == "newton_schulz":
-        return newton_schulz(
-            G,
-            steps=config.ns_steps,
-            coefficients=config.coefficients,
-            dtype=config.torch_dtype,
-            eps=config.eps,
-        )
+        return configured_newton_schulz(G, config)
     if config.method == "svd":
         return svd_polar(G)
     if config.method == "lowrank":

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from .gram import check_restarts, default_restarts
 from .schedules import resolve_schedule
 
 Method = Literal["newton_schulz", "svd", "lowrank", "rsvd", "subset"]
@@ -45,6 +46,11 @@ class OrthoConfig:
       ceil(fraction x long side) rows (or columns, whichever is the long side) of the input with the largest
       norms are orthogonalized by ``core`` (Newton-Schulz with ``ns_steps`` / ``coefficients`` / ``dtype``, or
       SVD), the rest of the update is zero, and only those rows of the momentum decay.
+    - ``gram``: run the Newton-Schulz iteration (of ``newton_schulz``, or the Newton-Schulz core of ``lowrank``
+      / ``subset``) as Gram Newton-Schulz (``ortho.gram``): the same polynomial on the short-side Gram matrix,
+      fewer flops on rectangular matrices, different rounding. ``gram_restarts``: the steps after which it
+      re-forms X and its Gram matrix (1-based, each in [1, ns_steps - 1]); None takes the default rule,
+      after every other step (``gram.default_restarts``).
     """
 
     method: Method = "newton_schulz"
@@ -60,6 +66,8 @@ class OrthoConfig:
     full_below: int = 0
     error_feedback: bool = False
     fraction: float | None = None
+    gram: bool = False
+    gram_restarts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -69,6 +77,8 @@ class OrthoConfig:
             object.__setattr__(self, "coefficients", rows)
         if isinstance(self.fraction, int) and not isinstance(self.fraction, bool):
             object.__setattr__(self, "fraction", float(self.fraction))  # 1 and 1.0: one config, one hash
+        if isinstance(self.gram_restarts, list | tuple):
+            object.__setattr__(self, "gram_restarts", tuple(self.gram_restarts))  # lists from JSON: hashable
         self.validate()
 
     def validate(self) -> None:
@@ -106,6 +116,41 @@ class OrthoConfig:
                 f"not to {self.method!r}{why}"
             )
         self._validate_fraction()
+        self._validate_gram()
+
+    def _validate_gram(self) -> None:
+        if not isinstance(self.gram, bool):
+            raise ValueError(f"gram: must be true or false, got {self.gram!r}")
+        if self.gram and not self.runs_newton_schulz:
+            raise ValueError(
+                "gram: applies to Newton-Schulz only (method newton_schulz, or lowrank / subset with core "
+                f"newton_schulz), not to method {self.method!r}" + (f" with core {self.core!r}" if self.method in (
+                    "lowrank", "subset") else "")
+            )
+        if self.gram_restarts is None:
+            return
+        if not self.gram:
+            raise ValueError("gram_restarts: applies only with gram: true")
+        if not isinstance(self.gram_restarts, tuple):
+            raise ValueError(f"gram_restarts: must be a list of step numbers, got {self.gram_restarts!r}")
+        try:
+            check_restarts(self.gram_restarts, self.ns_steps)
+        except ValueError as err:
+            raise ValueError(f"gram_restarts: {err}") from None
+        if list(self.gram_restarts) != sorted(self.gram_restarts):
+            raise ValueError(f"gram_restarts: must be in increasing order, got {list(self.gram_restarts)!r}")
+
+    @property
+    def runs_newton_schulz(self) -> bool:
+        """Whether a Newton-Schulz iteration is part of this method (the only place ``gram`` means anything)."""
+        return self.method == "newton_schulz" or (self.method in ("lowrank", "subset") and self.core == "newton_schulz")
+
+    @property
+    def restart_steps(self) -> tuple[int, ...]:
+        """The Gram restarts this config runs: ``gram_restarts``, or the default rule for ``ns_steps``."""
+        if self.gram_restarts is not None:
+            return self.gram_restarts
+        return default_restarts(self.ns_steps)
 
     def _validate_fraction(self) -> None:
         f = self.fraction
@@ -134,6 +179,8 @@ class OrthoConfig:
         data = asdict(self)
         if not isinstance(self.coefficients, str):
             data["coefficients"] = [list(row) for row in self.coefficients]
+        if self.gram_restarts is not None:
+            data["gram_restarts"] = list(self.gram_restarts)
         return data
 
     def to_json(self) -> str:
@@ -158,10 +205,15 @@ class OrthoConfig:
         return replace(self, **changes)
 
     def label(self) -> str:
-        """A short human-readable name, e.g. ``ns5-jordan-bf16`` or ``lowrank-r96-power1-ns5-jordan-fp32``."""
+        """A short human-readable name, e.g. ``ns5-jordan-bf16`` or ``lowrank-r96-power1-ns5-jordan-fp32``.
+
+        Gram Newton-Schulz reads ``gns5-jordan-bf16`` (default restarts) or ``gns5-jordan-bf16-rs2.3`` (explicit
+        ``gram_restarts``; ``-rs`` alone: none)."""
         dt = {"bfloat16": "bf16", "float32": "fp32"}[self.dtype]
         coeffs = self.coefficients if isinstance(self.coefficients, str) else "custom"
-        ns = f"ns{self.ns_steps}-{coeffs}-{dt}"
+        ns = f"{'g' if self.gram else ''}ns{self.ns_steps}-{coeffs}-{dt}"
+        if self.gram_restarts is not None:
+            ns += "-rs" + ".".join(map(str, self.gram_restarts))
         if self.method == "newton_schulz":
             return ns
         if self.method == "svd":

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from .config import OrthoConfig
 from .exact import svd_polar
+from .gram import configured_newton_schulz, configured_newton_schulz_flops
 from .lowrank import Generators, lowrank_with_basis, rsvd_with_basis
-from .newton_schulz import newton_schulz, newton_schulz_flops
 
 
 def subset_size(shape: tuple[int, ...], fraction: float) -> int:
@@ -55,9 +55,7 @@ def _core(sub: Tensor, config: OrthoConfig) -> Tensor:
     """The selected submatrix orthogonalized by the config's core (its Newton-Schulz settings, or SVD)."""
     if config.core == "svd":
         return svd_polar(sub).to(config.torch_dtype)
-    return newton_schulz(
-        sub, steps=config.ns_steps, coefficients=config.coefficients, dtype=config.torch_dtype, eps=config.eps
-    )
+    return configured_newton_schulz(sub, config)
 
 
 def subset_rows(U: Tensor, fraction: float) -> Tensor:
@@ -129,7 +127,7 @@ def subset_flops(m: int, n: int, config: OrthoConfig) -> float:
         from .exact import svd_flops
 
         return svd_flops(k, short)
-    return newton_schulz_flops(k, short, config.ns_steps)
+    return configured_newton_schulz_flops(k, short, config)
 
 
 def feedback_flops(m: int, n: int, config: OrthoConfig) -> float:

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .config import OrthoConfig
 from .exact import numerical_rank_mask, svd_polar
-from .newton_schulz import frobenius_norm, newton_schulz
+from .gram import configured_newton_schulz, configured_newton_schulz_flops
+from .newton_schulz import frobenius_norm
 
 
 def cholesky_qr(Y: Tensor, shift: float = 1e-6, passes: int = 3) -> Tensor:
@@ -172,9 +173,8 @@ def lowrank_with_basis(G: Tensor, config: OrthoConfig, generator: Generators = N
         raise ValueError("lowrank needs a rank")
     X, tall, squeeze = _as_wide_batch(G)
     short = X.size(-2)
-    ns = dict(steps=config.ns_steps, coefficients=config.coefficients, dtype=config.torch_dtype, eps=config.eps)
     if short <= config.full_below:
-        return newton_schulz(G, **ns), None  # type: ignore[arg-type]
+        return configured_newton_schulz(G, config), None
     # Scale-free from here on (the result does not depend on ||G||), and no Gram matrix can overflow.
     Xc = _unit_frobenius(X).to(config.torch_dtype)
     Q = _configured_range_finder(Xc, config, generator)
@@ -184,7 +184,7 @@ def lowrank_with_basis(G: Tensor, config: OrthoConfig, generator: Generators = N
     if config.core == "svd":
         core_o = svd_polar(core).to(config.torch_dtype)
     else:
-        core_o = newton_schulz(core, **ns)  # type: ignore[arg-type]
+        core_o = configured_newton_schulz(core, config)
     return _restore(Qc @ core_o, tall, squeeze), Q.float()
 
 
@@ -223,9 +223,7 @@ def lowrank_flops(m: int, n: int, config: OrthoConfig) -> float:
     s, long = min(m, n), max(m, n)
     r = config.rank or s
     if config.method == "lowrank" and s <= config.full_below:
-        from .newton_schulz import newton_schulz_flops
-
-        return newton_schulz_flops(m, n, config.ns_steps)
+        return configured_newton_schulz_flops(m, n, config)
     width = r if config.range_finder == "columns" else min(r + config.oversample, s)
     sketch = 0.0 if config.range_finder == "columns" else 2.0 * s * long * width * (1 + 2 * config.power_iters)
     qr = 4.0 * s * width * width * (1 + config.power_iters) + 4.0 * long * width * width * config.power_iters
@@ -233,5 +231,5 @@ def lowrank_flops(m: int, n: int, config: OrthoConfig) -> float:
     if config.method == "rsvd" or config.core == "svd":
         core = 4.0 * width * width * long + 8.0 * width**3
     else:
-        core = (4.0 * r * r * long + 2.0 * r**3) * config.ns_steps
+        core = configured_newton_schulz_flops(r, long, config)
     return sketch + qr + project_lift + core

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .schedules import resolve_schedule
+from .schedules import Schedule, resolve_schedule
 
 
 def newton_schulz(
@@ -37,14 +37,7 @@ def newton_schulz(
     # return G itself when the dtype already matches; everything below is out of place, so the caller's
     # tensor (e.g. a momentum buffer) is never modified (torch 2.13 gets this wrong for bf16).
     fma = torch.addmm if G.ndim == 2 else torch.baddbmm
-    X = G.to(dtype)
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
-    norm = frobenius_norm(X)
-    if schedule.norm_scale != 1.0:
-        norm = norm * schedule.norm_scale
-    X = X / norm.clamp(min=eps)
+    X, tall = normalized_short_side(G, dtype, schedule, eps)
     for a, b, c in schedule.coefficients(steps):
         A = X @ X.mT
         if c == 0.0:
@@ -54,6 +47,19 @@ def newton_schulz(
             B = fma(A, A, A, beta=b, alpha=c)
             X = fma(X, B, X, beta=a)
     return X.mT if tall else X
+
+
+def normalized_short_side(G: Tensor, dtype: torch.dtype, schedule: Schedule, eps: float) -> tuple[Tensor, bool]:
+    """``G`` cast to ``dtype``, short side first, divided by max(norm_scale x ||G||_F, eps); and whether it was
+    transposed. Shared with Gram Newton-Schulz so that both iterate on the very same X."""
+    X = G.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    norm = frobenius_norm(X)
+    if schedule.norm_scale != 1.0:
+        norm = norm * schedule.norm_scale
+    return X / norm.clamp(min=eps), tall
 
 
 def frobenius_norm(X: Tensor) -> Tensor:

@@ -9,7 +9,9 @@ defined here once (DESIGN.md) and reused by bench, tune and the tests:
 - ``alignment`` = <G, O> / (||G||_* ||O||_op)  (1 for the exact polar factor; about the Ky Fan share
   sum_{i<=r} s_i / sum_i s_i for a rank-r partial isometry)
 
-The model is exact in exact arithmetic; bf16 round-off is not modelled (bench measures that gap).
+The model is exact in exact arithmetic; bf16 round-off is not modelled (bench measures that gap). Gram
+Newton-Schulz (``gram``) is the same polynomial evaluated through the Gram matrix, so it gets the same
+prediction; only its rounding differs (``ortho.gram``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 FORMAT = "muonprof.profile/1"
 
@@ -72,6 +72,21 @@ class LayerSettings(_Strict):
         gt=0,
         le=1,
         description="subset only: the share of the long side's rows (columns) orthogonalized each step, in (0, 1].",
+    )
+    gram: StrictBool | None = Field(
+        None,
+        description=(
+            "Run the Newton-Schulz iteration (newton_schulz, or the Newton-Schulz core of lowrank / subset) as "
+            "Gram Newton-Schulz: the same polynomial on the short-side Gram matrix, fewer flops on rectangular "
+            "matrices."
+        ),
+    )
+    gram_restarts: list[Annotated[StrictInt, Field(ge=1)]] | None = Field(
+        None,
+        description=(
+            "gram only: the steps after which Gram Newton-Schulz re-forms X and its Gram matrix (1-based, each "
+            "in [1, ns_steps - 1], increasing); unset: after every other step."
+        ),
     )
     dtype: Literal["bfloat16", "float32"] | None = None
     eps: float | None = Field(None, gt=0)

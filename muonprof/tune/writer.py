@@ -41,6 +41,10 @@ def settings_of(config: Candidate) -> dict[str, Any]:
     out.update(ns_steps=config.ns_steps, coefficients=config.coefficients, dtype=config.dtype)
     if config.eps != OrthoConfig().eps:
         out["eps"] = config.eps
+    if config.gram:
+        out["gram"] = True
+        if config.gram_restarts is not None:
+            out["gram_restarts"] = list(config.gram_restarts)
     if config.method in ("lowrank", "rsvd"):
         for key in _LOWRANK_KEYS:
             value = getattr(config, key)
