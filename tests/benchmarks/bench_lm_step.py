@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -409,16 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    t0 = time.perf_counter()
-    result = run(args)
-    result["wall_s"] = time.perf_counter() - t0
-    render(result)
-    print(f"total {result['wall_s']:.0f} s")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
+    bs.run_and_report(parse_args(argv), run, render)
 
 
 if __name__ == "__main__":

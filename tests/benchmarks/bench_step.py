@@ -431,6 +431,11 @@ class Row:
     achieved_flops_per_s: float = math.nan
     fraction_of_matmul: float = math.nan
     time_vs_torch: float | None = None
+    # The median of the per-round ratios to torch.optim.Muon's step in the same round, and their quartiles:
+    # rounds are interleaved, so a round's ratio cancels the machine's drift between rounds (the robust
+    # statistic on a shared machine, where the medians of the raw times can move by 20-40%).
+    paired_vs_torch: float | None = None
+    paired_vs_torch_q: tuple[float, float] | None = None
     speedup_vs_ns5_same_dtype: float | None = None
     # Predicted alignment <G, O> / (||G||_* ||O||_op) of the row's update on the fixture gradients' spectra
     # (block 0), from the spectral model; None where the update is not a pure polynomial of the spectrum.
@@ -598,6 +603,16 @@ def summarize(times: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- parity
 
 
+def paired_ratio(times: list[float], reference: list[float]) -> tuple[float | None, tuple[float, float] | None]:
+    """Median and quartiles of times[i] / reference[i] over the rounds both were timed in (None if fewer
+    than 3 rounds pair up; quartiles need 4)."""
+    ratios = [a / b for a, b in zip(times, reference) if b > 0]
+    if len(ratios) < 3 or len(times) != len(reference):
+        return None, None
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else None
+    return statistics.median(ratios), (quartiles[0], quartiles[2]) if quartiles else None
+
+
 def compare_params(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Any]:
     """Max |a - b| and how many matrices differ; bitwise equality is the expectation on CPU."""
     max_abs, max_rel, differing = 0.0, 0.0, 0
@@ -622,6 +637,12 @@ def update_distance(before: dict[str, Tensor], after: dict[str, Tensor], ref_aft
 
 
 # --------------------------------------------------------------------------- run
+
+
+def fmt_paired(median: float | None, quartiles: tuple[float, float] | list[float] | None) -> str:
+    if median is None:
+        return "-"
+    return f"{median:.2f}" + ("" if quartiles is None else f" ({quartiles[0]:.2f}-{quartiles[1]:.2f})")
 
 
 def fmt_rate(flops_per_s: float, unit: str) -> str:
@@ -706,6 +727,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ref = by_key.get("torch_muon")
         if ref is not None and ref.width == r.width:
             r.time_vs_torch = r.median_s / ref.median_s
+            r.paired_vs_torch, r.paired_vs_torch_q = paired_ratio(r.times_s, ref.times_s)
         ns5 = by_key.get("pm_ns5_fp32" if r.dtype == "float32" else "pm_default")
         if ns5 is not None and ns5.width == r.width and ns5.dtype == r.dtype:
             r.speedup_vs_ns5_same_dtype = ns5.median_s / r.median_s
@@ -857,7 +879,7 @@ def evaluate_targets(by_key: dict[str, Row], on_gpu: bool) -> list[dict[str, Any
     out = []
     default, torch_row = by_key.get("pm_default"), by_key.get("torch_muon")
     if default and torch_row and default.width == torch_row.width:
-        ratio = default.median_s / torch_row.median_s
+        ratio = vs_torch(default, torch_row)
         out.append(
             {"target": "ProfiledMuon default / torch.optim.Muon time <= 1.0", "value": ratio, "met": ratio <= 1.0}
         )
@@ -878,6 +900,11 @@ def evaluate_targets(by_key: dict[str, Row], on_gpu: bool) -> list[dict[str, Any
     if gram is not None:
         out.append(gram)
     return out
+
+
+def vs_torch(row: Row, torch_row: Row) -> float:
+    """The paired per-round ratio where the rounds pair up, else the ratio of the medians."""
+    return row.paired_vs_torch if row.paired_vs_torch is not None else row.median_s / torch_row.median_s
 
 
 def gram_target(by_key: dict[str, Row]) -> dict[str, Any] | None:
@@ -904,7 +931,7 @@ def gram_target(by_key: dict[str, Row]) -> dict[str, Any] | None:
             }
         )
     r = reaching[0]
-    ratio = r.median_s / torch_row.median_s
+    ratio = vs_torch(r, torch_row)
     return {
         "target": f"{r.label} (descent share {r.descent_share:.3f} >= default's {default.descent_share:.3f}) "
         f"<= {GRAM_TARGET}x torch.optim.Muon",
@@ -990,6 +1017,7 @@ def render(result: dict[str, Any]) -> None:
         (unit, {"justify": "right"}),
         ("% matmul", {"justify": "right"}),
         ("t / t_torch", {"justify": "right"}),
+        ("paired (IQR)", {"justify": "right"}),
         ("x vs NS5 same dtype", {"justify": "right"}),
         ("descent", {"justify": "right"}),
         ("dW vs torch", {"justify": "right"}),
@@ -1009,6 +1037,7 @@ def render(result: dict[str, Any]) -> None:
             fmt_rate(r["achieved_flops_per_s"], unit),
             "-" if not math.isfinite(r["fraction_of_matmul"]) else f"{100 * r['fraction_of_matmul']:.0f}%",
             "-" if r["time_vs_torch"] is None else f"{r['time_vs_torch']:.2f}",
+            fmt_paired(r["paired_vs_torch"], r["paired_vs_torch_q"]),
             "-" if r["speedup_vs_ns5_same_dtype"] is None else f"{r['speedup_vs_ns5_same_dtype']:.2f}x",
             "-" if r["descent_share"] is None else f"{r['descent_share']:.3f}",
             "-" if r["update_vs_torch"] is None else f"{r['update_vs_torch']:.3f}",
@@ -1016,6 +1045,7 @@ def render(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         "t / t_torch: median time over torch.optim.Muon's on the same shapes (< 1 is faster). "
+        "paired: the median (quartiles) of the per-round ratios to torch.optim.Muon's step in the same round. "
         "x vs NS5: how many times faster than 5-step Newton-Schulz in the same dtype and width. "
         "% matmul: counted matmul FLOP/s (newton_schulz_flops / lowrank_flops) over the probed dense rate "
         "in that dtype. "
@@ -1087,8 +1117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run_and_report(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    render: Callable[[dict[str, Any]], None],
+) -> None:
+    """Run a benchmark, print its tables and total wall time, and write ``--json`` if asked (shared by the
+    benchmarks in this folder)."""
     t0 = time.perf_counter()
     result = run(args)
     result["wall_s"] = time.perf_counter() - t0
@@ -1098,6 +1133,10 @@ def main(argv: list[str] | None = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_and_report(parse_args(argv), run, render)
 
 
 if __name__ == "__main__":
