@@ -50,7 +50,7 @@ from ..profile import LayerPlan, Profile, load_profile, resolve_layers
 from . import distributed as dist_split
 from . import functional as F
 from .lowrank_momentum import compress, expand, polar_of_factors
-from .routing import route_module, route_named_parameters
+from .routing import fan_layouts, route_module, route_named_parameters
 
 ProfileSource = Profile | str | os.PathLike[str] | dict[str, Any] | None
 
@@ -122,10 +122,10 @@ class ProfiledMuon(torch.optim.Optimizer):
         process_group: Any = None,
     ) -> None:
         _check_hparams(lr, momentum, weight_decay, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
-        named, routes = _named_and_routes(model_or_named_params)
+        named, routes, layouts = _named_and_routes(model_or_named_params)
         self.profile: Profile | None = load_profile(profile) if profile is not None else None
         shapes = {name: tuple(p.shape) for name, p in named}
-        self.plans: dict[str, LayerPlan] = resolve_layers(self.profile, shapes, routes, strict=strict)
+        self.plans: dict[str, LayerPlan] = resolve_layers(self.profile, shapes, routes, strict=strict, layouts=layouts)
         self._plan_of: dict[int, LayerPlan] = {id(p): self.plans[name] for name, p in named}
         self._index_of: dict[int, int] = {id(p): i for i, (_, p) in enumerate(named)}
         self.skip_nonfinite = skip_nonfinite
@@ -625,6 +625,7 @@ class ProfiledMuon(torch.optim.Optimizer):
                 "ortho": plan.ortho.label() if plan.ortho else None,
                 "lr_rule": plan.lr_rule if plan.optimizer == "muon" else None,
                 "lr_factor": plan.lr_factor,
+                "layout": plan.layout if plan.optimizer == "muon" else None,
                 "momentum": plan.momentum_label if plan.optimizer == "muon" else None,
                 "owner_rank": self.owners.get(plan.name),
             }
@@ -634,10 +635,13 @@ class ProfiledMuon(torch.optim.Optimizer):
 
 def _named_and_routes(
     source: nn.Module | Iterable[tuple[str, Tensor]],
-) -> tuple[list[tuple[str, Tensor]], dict[str, tuple[str, str]]]:
+) -> tuple[list[tuple[str, Tensor]], dict[str, tuple[str, str]], dict[str, str]]:
+    """The trainable (name, parameter) pairs, their routes and (for a module) the transposed weights' layouts."""
+    layouts: dict[str, str] = {}
     if isinstance(source, nn.Module):
         named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
         routes = route_module(source)
+        layouts = fan_layouts(source)
     else:
         try:
             named = [(str(n), p) for n, p in source]  # type: ignore[misc]
@@ -654,7 +658,7 @@ def _named_and_routes(
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise ValueError("ProfiledMuon got duplicate parameter names")
-    return named, routes
+    return named, routes, layouts
 
 
 def _check_hparams(

@@ -18,6 +18,8 @@ from torch import nn
 POSITION_NAME = re.compile(r"(^|[._])(pos|position|positions|wpe|cls)([._]|$)")
 HEAD_NAME = re.compile(r"(^|\.)(lm_head|head|heads|classifier|output|out_proj_vocab|fc_out|logits|score)$")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+IN_OUT = "in_out"  # a weight stored as (fan_in, fan_out), the transpose of nn.Linear's (fan_out, fan_in)
+LAYOUT_ATTRIBUTE = "muonprof_weight_layout"  # a module may declare its weight's layout: "in_out" or "out_in"
 
 
 def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
@@ -90,3 +92,24 @@ def route_named_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> dict[st
         for name, p in named
         if p.requires_grad
     }
+
+
+def fan_layouts(model: nn.Module) -> dict[str, str]:
+    """``{weight name: "in_out"}`` for the weights stored transposed to ``nn.Linear``'s (fan_out, fan_in).
+
+    Muon's update is the same either way (the polar factor of a transpose is the transpose), but the shape
+    rules of the learning rate are not: ``sqrt(max(1, out/in))`` read off a stored (in, out) matrix gives GPT-2's
+    ``c_fc`` (768 -> 3072) a factor 1 instead of 2. Recognized: Hugging Face's ``Conv1D`` (GPT-2, GPT-Neo's
+    relatives: ``weight`` of shape (nx, nf) with ``nf`` the output width) and any module that sets
+    ``muonprof_weight_layout = "in_out"``.
+    """
+    layouts: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            continue
+        declared = getattr(module, LAYOUT_ATTRIBUTE, None)
+        hf_conv1d = type(module).__name__ == "Conv1D" and getattr(module, "nf", None) == weight.shape[1]
+        if declared == IN_OUT or (declared is None and hf_conv1d):
+            layouts[f"{module_name}.weight" if module_name else "weight"] = IN_OUT
+    return layouts
