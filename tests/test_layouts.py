@@ -155,3 +155,39 @@ def test_hf_gpt2_lr_factors_follow_the_matrix_the_layer_applies() -> None:
     assert rows["transformer.h.0.mlp.c_fc.weight"]["lr_factor"] == pytest.approx(2.0)
     assert rows["transformer.h.0.mlp.c_proj.weight"]["lr_factor"] == pytest.approx(1.0)
     assert rows["transformer.h.0.attn.c_attn.weight"]["lr_factor"] == pytest.approx(math.sqrt(3))
+
+
+# ---------------------------------------------------------------- 1-wide "matrices" (tokens, latents)
+
+
+class TimmLikeViT(nn.Module):
+    """The token parameters timm's ViTs and DeiT carry, under timm's own names (none matches a position regex)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, D, 4, 4)
+        self.reg_token = nn.Parameter(torch.zeros(1, 4, D))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.attn_pool = nn.Module()
+        self.attn_pool.latent = nn.Parameter(torch.zeros(1, 8, D))  # type: ignore[attr-defined]
+        self.blocks = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
+        self.value_head = nn.Linear(D, 1)  # a scalar output: a (1, D) matrix
+        self.head = nn.Linear(D, 10)
+
+
+def test_one_wide_parameters_go_to_adamw_as_tokens() -> None:
+    rows = {r["name"]: r for r in ProfiledMuon(TimmLikeViT()).describe()}
+    for name in ("reg_token", "dist_token", "attn_pool.latent", "value_head.weight"):
+        assert rows[name]["optimizer"] == "adamw", name
+        assert rows[name]["reason"].startswith("token / 1-wide"), name
+    assert rows["blocks.0.weight"]["optimizer"] == "muon" and rows["blocks.2.weight"]["optimizer"] == "muon"
+
+
+def test_one_wide_named_parameters_go_to_adamw_too() -> None:
+    named = [
+        ("tok", nn.Parameter(torch.zeros(1, 3, 8))),
+        ("w", nn.Parameter(torch.zeros(8, 8))),
+        ("col", nn.Parameter(torch.zeros(8, 1))),
+    ]
+    rows = {r["name"]: r["optimizer"] for r in ProfiledMuon(named).describe()}
+    assert rows == {"tok": "adamw", "w": "muon", "col": "adamw"}

@@ -19,6 +19,9 @@ POSITION_NAME = re.compile(r"(^|[._])(pos|position|positions|wpe|cls)([._]|$)")
 HEAD_NAME = re.compile(r"(^|\.)(lm_head|head|heads|classifier|output|out_proj_vocab|fc_out|logits|score)$")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 IN_OUT = "in_out"  # a weight stored as (fan_in, fan_out), the transpose of nn.Linear's (fan_out, fan_in)
+# A (1, n) or (n, 1) "matrix" (timm's cls/reg/dist tokens (1, k, D), a latent query (1, L, D), a scalar-output
+# head (1, D)): its polar factor is g / ||g||, so Muon would only normalize it; AdamW treats it per entry.
+ONE_WIDE = "token / 1-wide (orthogonalizing would only normalize it)"
 LAYOUT_ATTRIBUTE = "muonprof_weight_layout"  # a module may declare its weight's layout: "in_out" or "out_in"
 
 
@@ -51,6 +54,8 @@ def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
             routes[full] = ("adamw", "embedding")
         elif p.ndim < 2:
             routes[full] = ("adamw", "vector (gain/bias)")
+        elif _one_wide(p):
+            routes[full] = ("adamw", ONE_WIDE)
         elif not isinstance(module, (nn.Linear, *_CONV)) and POSITION_NAME.search(full):
             routes[full] = ("adamw", "embedding")  # a raw position table or class token
         elif isinstance(module, nn.Linear) and pname == "weight" and id(module) in heads:
@@ -86,12 +91,23 @@ def _find_heads(
 
 
 def route_named_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, tuple[str, str]]:
-    """Without a module tree: matrices (>= 2-D) to Muon, the rest to AdamW."""
-    return {
-        name: ("muon", "matrix") if p.ndim >= 2 else ("adamw", "vector (gain/bias)")
-        for name, p in named
-        if p.requires_grad
-    }
+    """Without a module tree: matrices (>= 2-D, both sides > 1) to Muon, the rest to AdamW."""
+    routes: dict[str, tuple[str, str]] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2:
+            routes[name] = ("adamw", "vector (gain/bias)")
+        elif _one_wide(p):
+            routes[name] = ("adamw", ONE_WIDE)
+        else:
+            routes[name] = ("muon", "matrix")
+    return routes
+
+
+def _one_wide(p: torch.Tensor) -> bool:
+    """Whether the matrix Muon would see, (shape[0], prod(shape[1:])), has a side of 1."""
+    return p.ndim >= 2 and (p.shape[0] == 1 or p[0].numel() == 1)
 
 
 def fan_layouts(model: nn.Module) -> dict[str, str]:
