@@ -10,10 +10,12 @@ tree: weight tying, the vocabulary size, conventional names, and finally "the la
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
+
+from .usage import ParameterUse
 
 POSITION_NAME = re.compile(r"(^|[._])(pos|position|positions|wpe|cls)([._]|$)")
 HEAD_NAME = re.compile(r"(^|\.)(lm_head|head|heads|classifier|output|out_proj_vocab|fc_out|logits|score)$")
@@ -25,8 +27,14 @@ ONE_WIDE = "token / 1-wide (orthogonalizing would only normalize it)"
 LAYOUT_ATTRIBUTE = "muonprof_weight_layout"  # a module may declare its weight's layout: "in_out" or "out_in"
 
 
-def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """``{parameter name: ("muon" | "adamw", reason)}`` for every trainable parameter of ``model``."""
+def route_module(model: nn.Module, usage: Mapping[str, ParameterUse] | None = None) -> dict[str, tuple[str, str]]:
+    """``{parameter name: ("muon" | "adamw", reason)}`` for every trainable parameter of ``model``.
+
+    ``usage`` (``usage.trace_parameter_use``: one forward pass) replaces the guesses from the module tree for the
+    matrices the pass used: what it indexed, added or concatenated is a table; the matrix ops that took the input
+    first and those that produced the output are the input and output layers, whatever their names and order
+    of registration. Without it (or for parameters the pass did not use) the module tree decides.
+    """
     routes: dict[str, tuple[str, str]] = {}
     embedding_params: set[int] = set()
     vocab_sizes: set[int] = set()
@@ -58,6 +66,8 @@ def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
             routes[full] = ("adamw", ONE_WIDE)
         elif not isinstance(module, (nn.Linear, *_CONV)) and POSITION_NAME.search(full):
             routes[full] = ("adamw", "embedding")  # a raw position table or class token
+        elif usage is not None and full in usage and id(p) not in embedding_params:
+            routes[full] = _route_from_use(usage[full], isinstance(module, _CONV))
         elif isinstance(module, nn.Linear) and pname == "weight" and id(module) in heads:
             routes[full] = ("adamw", heads[id(module)])
         elif isinstance(module, _CONV) and module is first_conv and pname == "weight":
@@ -67,6 +77,21 @@ def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
         else:
             routes[full] = ("muon", "hidden matrix")
     return routes
+
+
+TRACED_TABLE = "table / token (the forward pass adds, concatenates or indexes it)"
+TRACED_INPUT = "input layer (the first matrix the input meets in the forward pass)"
+TRACED_OUTPUT = "output layer (its result reaches the output with no matrix in between)"
+
+
+def _route_from_use(use: ParameterUse, conv: bool) -> tuple[str, str]:
+    if use.table:
+        return ("adamw", TRACED_TABLE)
+    if use.output_layer:
+        return ("adamw", TRACED_OUTPUT)
+    if use.input_layer:
+        return ("adamw", TRACED_INPUT)
+    return ("muon", "conv (flattened)" if conv else "hidden matrix")
 
 
 def _find_heads(
