@@ -47,6 +47,17 @@ from .run import _capture_once, _device_meta, _sync
 from .window import WINDOW_BYTES, WindowRecorder
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside a framework's wrapper (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``: both keep it as ``.optimizer`` / ``._optimizer``), so ProfiledMuon is recognized."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
 class SpectrumRecorder:
     """Records ``muonprof.spectra/1`` spectra at chosen steps of a training loop it does not own.
 
@@ -84,6 +95,7 @@ class SpectrumRecorder:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if window and total_steps is None:
             raise ValueError("window needs total_steps: the window is the last `window` steps of the run")
+        optimizer = unwrap_optimizer(optimizer)
         self.model, self.optimizer = model, optimizer
         self.capture_steps = None if capture_steps is None else sorted({int(s) for s in capture_steps})
         self.every, self.warmup_steps = every, warmup_steps
@@ -103,9 +115,11 @@ class SpectrumRecorder:
             group_mu = muon_groups[0]["momentum"] if muon_groups else 0.95
             self.momentum = float(group_mu if momentum is None else momentum)
             self.optimizer_routes = {n: plan.optimizer for n, plan in optimizer.plans.items()}
-        else:
+            owned = {n for n, route in self.optimizer_routes.items() if route == "muon"}
+        else:  # the layers are labelled with the route ProfiledMuon would give them; every buffer is a shadow
             self.momentum = 0.95 if momentum is None else float(momentum)
-            self.optimizer_routes = {n: "other" for n, _ in self.named}
+            self.optimizer_routes = {n: route for n, (route, _) in routes.items()}
+            owned = set()
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         roles = classify_roles(model)
@@ -115,13 +129,13 @@ class SpectrumRecorder:
                 shape=tuple(p.shape),
                 matrix_shape=matrix_shape(tuple(p.shape)),
                 role=roles.get(n, "linear"),
-                optimizer=self.optimizer_routes.get(n, routes.get(n, ("adamw", ""))[0]),
+                optimizer=self.optimizer_routes.get(n, "adamw"),
             )
             for n, p in self.named
         ]
         self.routes = routes
         # Shadow momentum for every matrix the optimizer keeps no Muon buffer for.
-        self.shadow = {n: torch.zeros_like(p) for n, p in self.named if self.optimizer_routes.get(n) != "muon"}
+        self.shadow = {n: torch.zeros_like(p) for n, p in self.named if n not in owned}
         self.window: WindowRecorder | None = None
         if window:
             assert total_steps is not None
