@@ -82,3 +82,22 @@ def test_recorder_refuses_bad_settings_with_one_line() -> None:
         SpectrumRecorder(nn.Linear(4, 1))
     with pytest.raises(ValueError, match="no capture yet"):
         SpectrumRecorder(model, every=5).spectra()
+
+
+def test_tune_says_what_it_needs_for_a_recorded_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from muonprof.cli import app
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    recorder = SpectrumRecorder(model, capture_steps=[1])
+    nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 4)).backward()
+    recorder.record(1, None)
+    path = recorder.save(tmp_path / "run.spectra.pt")
+    before = path.read_bytes()
+    result = CliRunner().invoke(app, ["tune", str(path), "--out", str(tmp_path / "p.json")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "SpectrumRecorder(..., name='package.module:factory')" in result.output
+    assert f"muonprof bench {path}" in " ".join(result.output.split())
+    assert path.read_bytes() == before and not (tmp_path / "p.json").exists()

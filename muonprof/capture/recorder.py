@@ -70,7 +70,10 @@ class SpectrumRecorder:
             on (``every=10``: steps w+10, w+20, ...).
         momentum: mu of the shadow momentum and of M (ProfiledMuon's group momentum when it is the optimizer).
         window: keep the last ``window`` gradients (needs ``total_steps``) within ``window_bytes``.
-        name: what the artifact calls the model (default: the class name).
+        name: what the artifact calls the model (default: the class name). Give your model's
+            ``package.module:factory`` spec (a factory returning the model, its batches and loss) so that
+            ``muonprof tune FILE.spectra.pt`` can rebuild and train it; ``muonprof bench`` needs no more than the
+            artifact.
     """
 
     def __init__(
