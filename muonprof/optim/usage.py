@@ -160,18 +160,14 @@ def trace_parameter_use(model: nn.Module, run: Callable[[], Any]) -> dict[str, P
     for buffer in model.buffers():
         trace.record(buffer, CONSTANT)
     was_training = model.training
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
     model.eval()
     try:
-        with torch.no_grad(), _Mode(trace):
+        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad(), _Mode(trace):
             out = run()
         heads = frozenset().union(*(trace.tag(t).last for t in tree_leaves(out) if isinstance(t, Tensor)))
     finally:
         model.train(was_training)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
     return {
         trace.names[pid]: ParameterUse(
             matrix=pid in trace.matrix,
