@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._version import __version__
-from .commands._common import console, err_console, fail
+from .console import console, err_console, fail, styled
 
 app = typer.Typer(
     name="muonprof",
@@ -96,7 +96,7 @@ def profile_check(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    console.print(f"[green]ok[/] {file}: valid {profile.format}, {len(profile.layers)} layer entries")
+    console.print(styled(("ok", "green"), f" {file}: valid {profile.format}, {len(profile.layers)} layer entries"))
     if rows:
         table = Table(title=f"{file} on {model}")
         # The momentum column only when a layer uses LiMuon's storm or low-rank momentum.

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, styled
 
 
 def _bytes(n: float | None) -> str:
@@ -92,7 +92,7 @@ def _matmul_table(results: list[dict[str, Any]]) -> Table:
     for r in results:
         shape = f"{r['m']}x{r['n']}x{r['k']}"
         if r["skipped"]:
-            table.add_row(r["dtype"], shape, "-", "-", "-", "-", f"[yellow]skipped:[/] {r['skipped']}")
+            table.add_row(r["dtype"], shape, "-", "-", "-", "-", styled(("skipped:", "yellow"), f" {r['skipped']}"))
             continue
         runs = f"{r['repeats']}" + (f"x{r['inner']}" if r["inner"] > 1 else "")
         table.add_row(
@@ -163,20 +163,20 @@ def device_command(
         print(json.dumps(result, indent=2))
         return
     for line in warnings:
-        err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
+        err_console.print(styled(("warning:", "yellow"), f" {line}"))
     console.print(_device_table(result["device"]))
     console.print(_telemetry_table(result["telemetry"], telemetry.name))
     if "matmul" in result:
         console.print(_matmul_table(result["matmul"]))
         during = result["telemetry_during_probe"]
         if during.get("throttled"):
-            console.print(f"[yellow]throttled while timing:[/] {during['throttle_reason']}")
+            console.print(styled(("throttled while timing:", "yellow"), f" {during['throttle_reason']}"))
         if result["float32_matmul_precision"] != "highest" and dev.type == "cuda":
             console.print(f"fp32 matmul precision is {result['float32_matmul_precision']!r} (TF32 allowed)")
-        console.print(f"[bold]{result['advice']}[/]")
+        console.print(styled((result["advice"], "bold")))
     if verbose:
         for note in info.notes:
-            console.print(f"[dim]note: {note}[/]")
+            console.print(styled((f"note: {note}", "dim")))
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,7 @@ from rich.table import Table
 from ..capture.run import DEFAULT_WARMUP_STEPS as DEFAULT_WARMUP
 from ..capture.window import DEFAULT_WINDOW as DEFAULT_T
 from ..capture.window import WINDOW_BYTES
-from ._common import console, err_console, fail, safe_name, training_progress
+from ._common import console, err_console, fail, safe_name, styled, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -123,8 +123,11 @@ def spectrum_command(
     shown = console if not as_json else err_console
     params = sum(p.numel() for p in workload.model.parameters())
     shown.print(
-        f"[bold]{model}[/]: {params / 1e6:,.2f}M parameters on {torch_device}; data: {workload.data['description']}; "
-        f"burn-in {warmup_steps} steps, then capturing at steps {', '.join(map(str, planned))}"
+        styled(
+            (model, "bold"),
+            f": {params / 1e6:,.2f}M parameters on {torch_device}; data: {workload.data['description']}; "
+            f"burn-in {warmup_steps} steps, then capturing at steps {', '.join(map(str, planned))}",
+        )
     )
     progress = training_progress(shown, as_json)
     try:

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from ..capture import DEFAULT_WARMUP_STEPS, DEFAULT_WINDOW
 from ..stats import DEFAULT_MARGIN
-from ._common import console, err_console, fail, safe_name
+from ._common import console, description_column, err_console, fail, safe_name
 
 
 def register(app: typer.Typer) -> None:
@@ -360,7 +360,7 @@ def _finished(study: Any) -> int:
 
 def _progress(shown: Any, transient: bool) -> Progress:
     return Progress(
-        TextColumn("[progress.description]{task.description}"),
+        description_column(),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

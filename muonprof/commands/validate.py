@@ -12,9 +12,10 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from ..stats import DEFAULT_MARGIN
-from ._common import console, err_console, fail, safe_name, training_progress
+from ._common import console, err_console, fail, safe_name, styled, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -132,7 +133,7 @@ def validate_command(
     def report(event: ProgressEvent) -> None:
         key = (event.contender, event.seed)
         if event.kind == "skipped":
-            shown.print(f"[yellow]skipping[/] {event.contender}: {event.message}")
+            shown.print(styled(("skipping", "yellow"), f" {event.contender}: {event.message}"))
         elif event.kind == "start":
             label = event.contender + (f" seed {event.seed}" if multi_seed else "")
             tasks[key] = progress.add_task(label, total=event.total, loss="-")
@@ -187,8 +188,11 @@ def validate_command(
     cores = os.cpu_count() or 1
     if torch_device.type == "cpu" and load and load[0] > 0.5:
         console.print(
-            f"[yellow]note:[/] CPU load average was {load[0]:.1f} on {cores} cores before the runs: other work "
-            "shares this machine, so the timings (and the equal wall-clock column) are noisy"
+            styled(
+                ("note:", "yellow"),
+                f" CPU load average was {load[0]:.1f} on {cores} cores before the runs: other work "
+                "shares this machine, so the timings (and the equal wall-clock column) are noisy",
+            )
         )
     console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
@@ -240,16 +244,21 @@ def _show(result: Any, out: Path | None, plot: Path | None, as_json: bool) -> No
         console.print(verdict_line(verdict), highlight=False)
     if len(result.seeds) == 1 and len(summary["verdicts"]["final_val_loss"]["pairs"]) > 0:
         console.print(
-            "[yellow]one seed:[/] numbers only; no verdict is possible with one seed (run --seeds 3 for a paired "
-            "bound and verdict)"
+            styled(
+                ("one seed:", "yellow"),
+                " numbers only; no verdict is possible with one seed (run --seeds 3 for a paired bound and verdict)",
+            )
         )
     for name, row in summary["rows"].items():
         per_step = row.get("grad_evals_per_step")
         if per_step is not None and per_step > 1.0 + 1e-9:
             console.print(
-                f"[yellow]note:[/] {name} made {per_step:.2f} gradient evaluations per step "
-                f"({row['total_grad_evals']:g} in all): equal steps is not equal compute for it; the results "
-                "file has grad_evals per step to compare the curves per gradient evaluation"
+                styled(
+                    ("note:", "yellow"),
+                    f" {name} made {per_step:.2f} gradient evaluations per step "
+                    f"({row['total_grad_evals']:g} in all): equal steps is not equal compute for it; the results "
+                    "file has grad_evals per step to compare the curves per gradient evaluation",
+                )
             )
     distributed = result.meta.get("distributed") or {}
     if distributed.get("world_size", 1) > 1:
@@ -345,7 +354,7 @@ def _details_table(result: Any) -> Table:
     table.add_column("status", overflow="fold", min_width=6)
     for name, row in rows.items():
         if row.get("skipped"):
-            table.add_row(name, "", "", "", "", "", "", f"[yellow]skipped: {row['skipped']}[/]")
+            table.add_row(name, "", "", "", "", "", "", styled((f"skipped: {row['skipped']}", "yellow")))
             continue
         status = row["status"]
         table.add_row(
@@ -356,7 +365,7 @@ def _details_table(result: Any) -> Table:
             _ms(row.get("median_step_s")),
             _bytes(row.get("peak_memory_bytes")),
             _bytes(row.get("state_bytes")),
-            f"[green]{status}[/]" if status == "ok" else f"[red]{status}[/]",
+            styled((status, "green" if status == "ok" else "red")),
         )
     return table
 
@@ -370,11 +379,11 @@ def _delta(pair: dict[str, Any] | None) -> str:
     return f"{pair['mean_diff']:+.4f}\n[{pair['upper_bound']:+.4f}]"
 
 
-def _verdict_text(pair: dict[str, Any] | None, status: str = "ok") -> str:
+def _verdict_text(pair: dict[str, Any] | None, status: str = "ok") -> Text:
     if pair is None or pair.get("verdict") is None:
-        return "-" if status == "ok" else f"[red]{status}[/]"
+        return Text("-") if status == "ok" else styled((status, "red"))
     colour = {"better": "green", "non-inferior": "green", "worse": "red", "diverged": "red"}.get(pair["verdict"])
-    return f"[{colour}]{pair['verdict']}[/]" if colour else pair["verdict"]
+    return styled((pair["verdict"], colour)) if colour else Text(pair["verdict"])
 
 
 def _to_target_text(entry: dict[str, Any] | None) -> tuple[str, str]:
