@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.progress import TextColumn
 from rich.text import Text
 
+from ._files import dumps_json, finite_or_null
+
 __all__ = [
     "console",
     "description_column",
@@ -28,6 +30,7 @@ __all__ = [
     "field_column",
     "in_range",
     "literal_console",
+    "print_json",
     "styled",
 ]
 
@@ -104,3 +107,8 @@ def in_range(
             fail(f"{name} must be {kind} (got {item})", 2)
 
     return check
+
+
+def print_json(value: Any, default: Callable[[Any], Any] = str) -> None:
+    """``--json`` output on stdout: strict JSON (a NaN/infinite number is null), printed as is, never by rich."""
+    print(dumps_json(finite_or_null(value), what="output", indent=2, default=default))

@@ -6,7 +6,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
 from .._files import safe_name
-from ..console import console, description_column, err_console, fail, field_column, in_range, styled
+from ..console import (
+    console,
+    description_column,
+    err_console,
+    fail,
+    field_column,
+    in_range,
+    print_json,
+    styled,
+)
 
 __all__ = [
     "console",
@@ -15,6 +24,7 @@ __all__ = [
     "fail",
     "field_column",
     "in_range",
+    "print_json",
     "safe_name",
     "styled",
     "training_progress",

@@ -6,13 +6,12 @@ them) and decide whether Newton-Schulz should run in bf16 here at all.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ._common import console, err_console, fail, styled
+from ._common import console, err_console, fail, print_json, styled
 
 
 def _bytes(n: float | None) -> str:
@@ -160,7 +159,7 @@ def device_command(
         telemetry.close()
 
     if as_json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return
     for line in warnings:
         err_console.print(styled(("warning:", "yellow"), f" {line}"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,7 +13,7 @@ from rich.table import Table
 from ..capture.run import DEFAULT_WARMUP_STEPS as DEFAULT_WARMUP
 from ..capture.window import DEFAULT_WINDOW as DEFAULT_T
 from ..capture.window import WINDOW_BYTES
-from ._common import console, err_console, fail, safe_name, styled, training_progress
+from ._common import console, err_console, fail, print_json, safe_name, styled, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -32,7 +31,7 @@ def models_command(
 
     entries = catalog()
     if as_json:
-        print(json.dumps(entries, indent=2))
+        print_json(entries)
         return
     table = Table(title="built-in models (MODEL argument of every command)")
     for col in ("name", "parameters", "Muon matrices", "description"):
@@ -168,7 +167,7 @@ def spectrum_command(
     if as_json:
         summary = spectra.summary()
         summary["files"] = {"spectra": str(out), "plot": str(plot) if plot else None}
-        print(json.dumps(summary, indent=2, default=_json_default))
+        print_json(summary, default=_json_default)
         return
     console.print(_layer_table(spectra))
     console.print(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from rich.text import Text
 
 from ..capture import DEFAULT_WARMUP_STEPS, DEFAULT_WINDOW
 from ..stats import DEFAULT_MARGIN
-from ._common import console, description_column, err_console, fail, safe_name
+from ._common import console, description_column, err_console, fail, print_json, safe_name
 
 
 def register(app: typer.Typer) -> None:
@@ -226,7 +225,7 @@ def tune_command(
         "notes": outcome.notes,
     }
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        print_json(result)
         return
     console.print(_front_table(s1))
     choice = s1.choice

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from functools import partial
@@ -15,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..stats import DEFAULT_MARGIN
-from ._common import console, err_console, fail, safe_name, styled, training_progress
+from ._common import console, err_console, fail, print_json, safe_name, styled, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -233,7 +232,7 @@ def _show(result: Any, out: Path | None, plot: Path | None, as_json: bool) -> No
     if as_json:
         document = result.to_dict(curves=False)
         document["files"] = {"results": str(out) if out else None, "plot": str(plot) if plot else None}
-        print(json.dumps(document, indent=2, default=str))
+        print_json(document)
         return
     console.print(_table(result))
     console.print(_details_table(result))
