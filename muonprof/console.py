@@ -84,9 +84,9 @@ def in_range(
     def bounds() -> str:
         parts = []
         if lo is not None:
-            parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+            parts.append(f"{'>' if lo_open else '>='} {_number(lo)}")
         if hi is not None:
-            parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+            parts.append(f"{'<' if hi_open else '<='} {_number(hi)}")
         return " and ".join(parts)
 
     def check(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
@@ -103,10 +103,15 @@ def in_range(
         bad |= hi is not None and (x >= hi if hi_open else x > hi)
         if bad:
             name = max(param.opts, key=len) if param.opts else str(param.name)
-            kind = "a finite number" + (f" {rule}" if rule else "")
+            kind = ("an integer" if isinstance(item, int) else "a finite number") + (f" {rule}" if rule else "")
             fail(f"{name} must be {kind} (got {item})", 2)
 
     return check
+
+
+def _number(x: float) -> str:
+    """A bound as a user would type it: integers in full, other numbers in short form."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def print_json(value: Any, default: Callable[[Any], Any] = str) -> None:

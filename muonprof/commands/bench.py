@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._common import console, description_column, err_console, fail, field_column, safe_name, styled
+from ._common import console, description_column, err_console, fail, field_column, in_range, safe_name, styled
 
 CAPTURE_STEPS = 10
 
@@ -44,7 +44,9 @@ def bench_command(
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="bf16, fp32 or both (given: timed even where emulated).")
     ] = None,
-    seeds: Annotated[int, typer.Option("--seeds", help="Sketch seeds per randomized candidate.")] = 3,
+    seeds: Annotated[
+        int, typer.Option("--seeds", callback=in_range(1), help="Sketch seeds per randomized candidate.")
+    ] = 3,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     all_layers: Annotated[
         bool, typer.Option("--all-layers", help="Bench every matrix, not only the Muon-routed ones.")
@@ -53,7 +55,7 @@ def bench_command(
     plot: Annotated[Path | None, typer.Option("--plot", help="Also draw the Pareto fronts per role as a PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the bench result JSON on stdout.")] = False,
     capture_steps: Annotated[
-        int, typer.Option("--capture-steps", help="Training steps when capturing a MODEL first.")
+        int, typer.Option("--capture-steps", callback=in_range(1), help="Training steps when capturing a MODEL first.")
     ] = CAPTURE_STEPS,
 ) -> None:
     """Time every orthogonalizer candidate on this device and measure its accuracy on each layer's spectrum."""

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..stats import DEFAULT_MARGIN
-from ._common import console, err_console, fail, print_json, safe_name, styled, training_progress
+from ._common import console, err_console, fail, in_range, print_json, safe_name, styled, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -34,33 +34,63 @@ def validate_command(
     against: Annotated[
         str, typer.Option("--against", help="Contenders to race it against: default, torch, adamw (comma-separated).")
     ] = "default,torch,adamw",
-    steps: Annotated[int, typer.Option("--steps", help="Training steps per run (the equal-steps comparison).")] = 200,
+    steps: Annotated[
+        int, typer.Option("--steps", callback=in_range(1), help="Training steps per run (the equal-steps comparison).")
+    ] = 200,
     time_budget: Annotated[
         float | None,
-        typer.Option("--time-budget", help="Also stop a run after this many seconds of training."),
+        typer.Option(
+            "--time-budget",
+            callback=in_range(0, lo_open=True),
+            help="Also stop a run after this many seconds of training.",
+        ),
     ] = None,
     eval_every: Annotated[
-        int | None, typer.Option("--eval-every", help="Validation loss every K steps (default: steps/20).")
+        int | None,
+        typer.Option("--eval-every", callback=in_range(1), help="Validation loss every K steps (default: steps/20)."),
     ] = None,
     data: Annotated[
         str | None,
         typer.Option("--data", help="Text file/folder, 'stdlib' (default), 'random'; images: synthetic, digits."),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="First seed (init and batches).")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", callback=in_range(0, 2**63 - 1), help="First seed (init and batches).")
+    ] = 0,
     seeds: Annotated[
-        int, typer.Option("--seeds", help="Seeds per contender (paired; >= 2 gives a verdict, 3+ recommended).")
+        int,
+        typer.Option(
+            "--seeds", callback=in_range(1), help="Seeds per contender (paired; >= 2 gives a verdict, 3+ recommended)."
+        ),
     ] = 1,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences (or images) per batch.")] = 8,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence (language models).")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", callback=in_range(1), help="Sequences (or images) per batch.")
+    ] = 8,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", callback=in_range(1), help="Tokens per sequence (language models).")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    lr: Annotated[float | None, typer.Option("--lr", help="Muon lr of profile/default/torch (default 0.02).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr", callback=in_range(0, lo_open=True), help="Muon lr of profile/default/torch (default 0.02)."
+        ),
+    ] = None,
     adamw_lr: Annotated[
-        float | None, typer.Option("--adamw-lr", help="lr of their AdamW group (embeddings, head, gains; 3e-4).")
+        float | None,
+        typer.Option(
+            "--adamw-lr",
+            callback=in_range(0, lo_open=True),
+            help="lr of their AdamW group (embeddings, head, gains; 3e-4).",
+        ),
     ] = None,
     baseline_lr: Annotated[
         float | None,
-        typer.Option("--baseline-lr", help="lr of the all-AdamW contender (default by size: 3e-3/1e-3/6e-4)."),
+        typer.Option(
+            "--baseline-lr",
+            callback=in_range(0, lo_open=True),
+            help="lr of the all-AdamW contender (default by size: 3e-3/1e-3/6e-4).",
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Results JSON (default: MODEL.validate.json).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also write a PNG of the loss curves here.")] = None,
@@ -73,6 +103,7 @@ def validate_command(
         float | None,
         typer.Option(
             "--max-loss-increase",
+            callback=in_range(0),
             help=f"Margin δ (nats): non-inferior if the paired 95% bound of Δ val loss is below it [{DEFAULT_MARGIN}].",
         ),
     ] = None,
@@ -84,6 +115,7 @@ def validate_command(
         int,
         typer.Option(
             "--nproc",
+            callback=in_range(1),
             help="Train data-parallel over N local processes (torchrun-style; gloo on CPU, one GPU per rank "
             "with nccl); --batch-size is the global batch, split over the ranks.",
         ),
