@@ -8,6 +8,7 @@ unwritable ``--out`` fails in a second instead of after an hour of training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -53,8 +54,10 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     if target.is_dir():
         raise OutputPathError(f"{target}: is a directory, expected a file path")
     parent = target.parent
+    missing = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        _CREATED.extend(reversed(missing))  # deepest last: removed first by remove_created_folders
     except OSError as err:
         raise OutputPathError(f"{target}: cannot create folder {parent} ({err.strerror or err})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -62,6 +65,19 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     if target.exists() and not os.access(target, os.W_OK):
         raise OutputPathError(f"{target}: file exists and is not writable")
     return target
+
+
+_CREATED: list[Path] = []
+"""Folders ``check_writable`` created for this process's outputs, so a failing run can take them back."""
+
+
+def remove_created_folders() -> None:
+    """Remove the folders ``check_writable`` created that are still empty (a run that failed before writing
+    anything): bad input must not leave empty ``--out`` folders behind. A folder holding a file is kept."""
+    while _CREATED:
+        folder = _CREATED.pop()
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds when empty
 
 
 def safe_name(spec: str) -> str:

@@ -248,5 +248,8 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
+        from ._files import remove_created_folders
+
+        remove_created_folders()
         err_console.print("interrupted")
         sys.exit(130)

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import TextColumn
 from rich.text import Text
 
-from ._files import dumps_json, finite_or_null
+from ._files import dumps_json, finite_or_null, remove_created_folders
 
 __all__ = [
     "console",
@@ -50,7 +50,9 @@ def styled(*parts: str | tuple[str, str]) -> Text:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print ``error: message`` (one line per line of the message) on stderr and exit with ``code``."""
+    """Print ``error: message`` (one line per line of the message) on stderr and exit with ``code``, after
+    removing the output folders this run created and left empty."""
+    remove_created_folders()
     for line in str(message).splitlines() or [str(message)]:
         err_console.print(styled(("error:", "bold red"), " ", line), soft_wrap=True)
     raise typer.Exit(code)

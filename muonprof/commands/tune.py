@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,7 +69,10 @@ def tune_command(
         float, typer.Option("--min-layer-alignment", callback=in_range(0, 1), help="No layer below this.")
     ] = 0.5,
     storage: Annotated[
-        str | None, typer.Option("--storage", help="Optuna storage URL or journal:PATH (default: SQLite by --out).")
+        str | None,
+        typer.Option(
+            "--storage", callback=_check_storage, help="Optuna storage URL or journal:PATH (default: SQLite by --out)."
+        ),
     ] = None,
     study_name: Annotated[str | None, typer.Option("--study-name", help="Resume or share this study.")] = None,
     seed: Annotated[
@@ -233,7 +237,8 @@ def tune_command(
     import torch
 
     try:
-        outcome = run_tune(request, _Reporter(shown, as_json))
+        with _quiet_interrupts():
+            outcome = run_tune(request, _Reporter(shown, as_json))
     except KeyboardInterrupt:
         fail(
             "interrupted: finished trials and race runs are stored in the Optuna storage; run the same command "
@@ -306,6 +311,51 @@ def tune_command(
             + f"; study {outcome.study} in {outcome.storage}"
         )
     )
+
+
+class _DropInterrupts(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C as a failed trial, with the KeyboardInterrupt's whole traceback
+    (~45 lines) before it re-raises; the command then prints its own one line, so that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_interrupts() -> Iterator[None]:
+    """Drop Optuna's KeyboardInterrupt log records (only those) while the pipeline runs."""
+    import optuna
+
+    optuna.logging.get_logger("optuna")  # configures Optuna's own handler now, so the filter reaches it
+    logger = logging.getLogger("optuna")
+    drop = _DropInterrupts()
+    loggers = [
+        logger,
+        *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("optuna.")),
+    ]
+    for each in loggers:
+        each.addFilter(drop)
+        for handler in each.handlers:
+            handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeFilter(drop)
+            for handler in each.handlers:
+                handler.removeFilter(drop)
+
+
+def _check_storage(value: str | None) -> str | None:
+    """``--storage journal:PATH``: the folder of PATH must exist (Optuna would create it, even at the root)."""
+    if value is None:
+        return value
+    if value.startswith("journal:") or ("://" not in value and value.endswith((".log", ".journal", ".jsonl"))):
+        parent = Path(value.removeprefix("journal:")).expanduser().parent
+        if not parent.is_dir():
+            fail(f"--storage {value}: folder {parent} does not exist (create it first)", 2)
+    return value
 
 
 class _Reporter:

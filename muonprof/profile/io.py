@@ -57,6 +57,10 @@ def load_profile(source: str | os.PathLike[str] | Mapping[str, Any] | Profile) -
     """A validated profile from a path, a parsed JSON dict, or a Profile (returned as is)."""
     if isinstance(source, (Profile, Mapping)):
         return parse_profile(source)
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(
+            f"profile must be None, a path (str or os.PathLike), a dict or a Profile, got {type(source).__name__}"
+        )
     path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")
