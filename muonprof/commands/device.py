@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ._common import console, err_console, fail, print_json, styled
 
@@ -145,8 +146,10 @@ def device_command(
             # torch's OpenMP threads stall whenever one of them is descheduled, so a busy machine can read 10x slow
             warnings.append(f"the CPU is busy (1-min load {load:.0f}% of {info.cpu_cores} cores): rates will read low")
         if not no_probe:
-            with err_console.status("timing matmuls ...") as status, TelemetrySampler(telemetry) as sampler:
-                results = measure_matmul(dev, quick=quick, progress=lambda msg: status.update(f"timing matmuls: {msg}"))
+            with err_console.status(Text("timing matmuls ...")) as status, TelemetrySampler(telemetry) as sampler:
+                results = measure_matmul(
+                    dev, quick=quick, progress=lambda msg: status.update(Text(f"timing matmuls: {msg}"))
+                )
             rates = DeviceRates.from_results(results)
             result.update(
                 float32_matmul_precision=torch.get_float32_matmul_precision(),

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ..capture.run import DEFAULT_WARMUP_STEPS as DEFAULT_WARMUP
 from ..capture.window import DEFAULT_WINDOW as DEFAULT_T
@@ -133,7 +134,7 @@ def spectrum_command(
             check_writable(plot)
         torch_device = resolve_device(device)
         overrides = parse_overrides(set_ or [])
-        with console.status(f"building {model} and its data", spinner="dots") if not as_json else nullcontext():
+        with console.status(Text(f"building {model} and its data"), spinner="dots") if not as_json else nullcontext():
             workload = build_workload(
                 model,
                 overrides=overrides,
