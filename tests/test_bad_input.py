@@ -360,3 +360,50 @@ def test_range_callback_refuses_nan_and_bounds() -> None:
     for bad in ("nan", "0", "1.01", "-inf"):
         result = runner.invoke(app_, ["--x", bad])
         assert result.exit_code == 2 and result.output.strip().startswith("error: --x must be a finite number > 0")
+
+
+# ------------------------------------------------------------------------------ side effects of a failing run
+
+
+def test_failing_run_removes_the_empty_output_folders_it_created(tmp_path: Path) -> None:
+    import typer
+
+    from muonprof._files import check_writable
+
+    check_writable(tmp_path / "a" / "b" / "x.json")
+    check_writable(tmp_path / "kept" / "y.json")
+    (tmp_path / "kept" / "y.json").write_text("{}")  # this output was written: its folder stays
+    assert (tmp_path / "a" / "b").is_dir()
+    with pytest.raises(typer.Exit):
+        fail("boom")
+    assert not (tmp_path / "a").exists()
+    assert (tmp_path / "kept" / "y.json").read_text() == "{}"
+
+
+def test_ctrl_c_in_tune_is_one_line_without_optunas_traceback(
+    fixtures: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Optuna logs a KeyboardInterrupt'ed trial with its traceback through its own stderr handler: dropped."""
+    import optuna
+
+    import muonprof.tune.pipeline as pipeline
+
+    def interrupted(request: Any, ui: Any) -> Any:
+        def objective(trial: optuna.Trial) -> float:
+            raise KeyboardInterrupt
+
+        optuna.create_study().optimize(objective, n_trials=1)
+
+    monkeypatch.setattr(pipeline, "run_tune", interrupted)
+    # An earlier CliRunner test may have bound Optuna's handler to a stream that is closed now: start afresh,
+    # so the handler the command configures writes into this run's captured output.
+    optuna.logging._reset_library_root_logger()
+    before = snapshot(fixtures)
+    result = runner.invoke(app, ["tune", "mlp", "--out", "new/p.json"])
+    captured = capfd.readouterr()
+    text = result.output + captured.out + captured.err
+    assert result.exit_code == 130
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "interrupted" in errors[0]
+    assert snapshot(fixtures) == before
