@@ -105,7 +105,10 @@ def in_range(
         bad |= hi is not None and (x >= hi if hi_open else x > hi)
         if bad:
             name = max(param.opts, key=len) if param.opts else str(param.name)
-            kind = ("an integer" if isinstance(item, int) else "a finite number") + (f" {rule}" if rule else "")
+            if isinstance(item, int) and lo is not None and hi is None and not lo_open:
+                kind = f"at least {_number(lo)}"  # the wording the library's own checks use for counts
+            else:
+                kind = ("an integer" if isinstance(item, int) else "a finite number") + (f" {rule}" if rule else "")
             fail(f"{name} must be {kind} (got {item})", 2)
 
     return check
