@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._version import __version__
-from .commands._common import console, err_console, fail
+from .console import console, err_console, fail, print_json, styled
 
 app = typer.Typer(
     name="muonprof",
@@ -90,13 +90,13 @@ def profile_check(
     except ProfileError as err:
         if as_json:
             result["errors"] = str(err).splitlines()
-            print(json.dumps(result, indent=2))
+            print_json(result)
             raise typer.Exit(1) from None
         fail(str(err))
     if as_json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return
-    console.print(f"[green]ok[/] {file}: valid {profile.format}, {len(profile.layers)} layer entries")
+    console.print(styled(("ok", "green"), f" {file}: valid {profile.format}, {len(profile.layers)} layer entries"))
     if rows:
         table = Table(title=f"{file} on {model}")
         # The momentum column only when a layer uses LiMuon's storm or low-rank momentum.
@@ -164,7 +164,7 @@ def profile_show(
         "race": (profile.provenance.model_dump().get("race") if profile.provenance else None),
     }
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        print_json(summary)
         return
     model = profile.model.name if profile.model else "(no model recorded)"
     table = Table(title=f"{file}: {model}, {len(rows)} layer entries")
@@ -226,7 +226,15 @@ def profile_schema(
     if out is None:
         print(text, end="")
     else:
-        atomic_write_text(out, text)
+        from ._files import OutputPathError, check_writable
+
+        try:
+            check_writable(out)
+            atomic_write_text(out, text)
+        except OutputPathError as err:
+            fail(str(err), 2)
+        except OSError as err:
+            fail(f"{out}: cannot write ({err.strerror or type(err).__name__})", 2)
         console.print(f"wrote {out}")
 
 
@@ -240,5 +248,8 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
+        from ._files import remove_created_folders
+
+        remove_created_folders()
         err_console.print("interrupted")
         sys.exit(130)

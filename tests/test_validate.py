@@ -234,7 +234,10 @@ def test_seed_spread_is_kept_and_the_verdict_is_paired() -> None:
 
 
 def test_divergence_is_marked_and_others_finish(tmp_path: Path) -> None:
-    absurd = write_profile(tmp_path, {"format": "muonprof.profile/1", "defaults": {"lr_scale": 1e30}})
+    # An orthogonalizer that multiplies by 1000 per step (20 steps) overflows to inf: the profile diverges.
+    # (A huge lr_scale no longer can: profiles refuse lr_scale > 1e6.)
+    blowup = {"coefficients": [[1000.0, 0.0, 0.0]], "ns_steps": 20, "dtype": "float32"}
+    absurd = write_profile(tmp_path, {"format": "muonprof.profile/1", "defaults": blowup})
     result = validate("mlp", profile=absurd, contenders="default,adamw", steps=6, eval_every=2, batch_size=4,
                       baseline_lr=1e30)  # fmt: skip
     statuses = {n: c.status for n, c in result.contenders.items()}

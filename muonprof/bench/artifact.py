@@ -6,14 +6,13 @@ the run, so an interrupted bench leaves the previous file or none, never half of
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._files import atomic_write
+from .._files import atomic_write, dumps_json, finite_or_null, loads_json
 from .cost import CostRecord
 
 FORMAT = "muonprof.bench/1"
@@ -69,7 +68,7 @@ class BenchResult:
         }
 
     def dumps(self) -> str:
-        return json.dumps(_finite(self.to_json()), indent=1, allow_nan=False)
+        return dumps_json(_finite(self.to_json()), what="bench data", error=BenchError, indent=1)
 
     @classmethod
     def from_json(cls, data: Any, source: str = "bench data") -> BenchResult:
@@ -79,6 +78,7 @@ class BenchResult:
             raise BenchError(
                 f"{source}: format {data['format']!r} is not {FORMAT!r}; re-run `muonprof bench` with this version"
             )
+        _check_times(data.get("costs"), source)
         try:
             result = cls(
                 meta=dict(data["meta"]),
@@ -100,15 +100,25 @@ class BenchResult:
             raise BenchError(f"{source}: corrupt bench file ({type(err).__name__}: {err})") from None
 
 
+def _check_times(costs: Any, source: str) -> None:
+    """Refuse a timing that is not a number >= 0 (a hand-edited or corrupt file), naming the field: tune would
+    otherwise build a profile from it and then reject its own output."""
+    if not isinstance(costs, list):
+        return  # the structural check in from_json reports it
+    for i, cost in enumerate(costs):
+        timing = cost.get("time_s") if isinstance(cost, dict) else None
+        if not isinstance(timing, dict):
+            continue
+        for key, value in timing.items():
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < 0:
+                label = cost.get("label", "?")
+                raise BenchError(f"{source}: costs[{i}] ({label}).time_s.{key} = {value!r}: must be a number >= 0")
+
+
 def _finite(value: Any) -> Any:
     """JSON has no NaN/inf: store them as null (a diverged candidate has no number to report)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+    return finite_or_null(value)
 
 
 def save_bench(result: BenchResult, path: str | os.PathLike[str]) -> Path:
@@ -123,8 +133,13 @@ def load_bench(path: str | os.PathLike[str]) -> BenchResult:
     if not source.is_file():
         raise BenchError(f"{source}: no such bench file")
     try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise BenchError(f"{source}: not a muonprof bench file (cannot be read: {reason})") from None
+    try:
+        data = loads_json(text, where=str(source), error=BenchError)
+    except BenchError as err:
+        reason = str(err).removeprefix(f"{source}: ")
+        raise BenchError(f"{source}: not a muonprof bench file ({reason})") from None
     return BenchResult.from_json(data, str(source))

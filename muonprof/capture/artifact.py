@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._files import atomic_write
+from .._files import atomic_write, dumps_json
 from .stats import stats_row
 from .window import GradientWindow
 
@@ -169,7 +169,7 @@ def save_spectra(spectra: Spectra, path: str | os.PathLike[str]) -> Path:
     payload: dict[str, Any] = {
         "format": FORMAT,
         # Plain JSON types only (e.g. torch.__version__ is a str subclass that weights_only loading refuses).
-        "meta": json.loads(json.dumps(spectra.meta, default=str)),
+        "meta": json.loads(dumps_json(spectra.meta, what=f"{path}: spectra meta", error=SpectraError, default=str)),
         "layers": [layer.to_dict() for layer in spectra.layers],
         "captures": [
             {"step": c.step, "loss": c.loss, "grad": dict(c.grad), "momentum": dict(c.momentum)}
@@ -252,4 +252,9 @@ def _check_consistent(spectra: Spectra, source: Path) -> None:
                     raise SpectraError(
                         f"{source}: corrupt spectra file (step {capture.step}, {kind} of {layer.name!r} "
                         f"should hold {min(layer.matrix_shape)} singular values)"
+                    )
+                if not s.is_floating_point() or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+                    raise SpectraError(
+                        f"{source}: corrupt spectra file (step {capture.step}, {kind} of {layer.name!r}: "
+                        "singular values must be finite and >= 0)"
                     )

@@ -1,35 +1,43 @@
-"""What every command shares: the consoles and the one-line error exit."""
+"""What every command shares: the literal consoles, the one-line error exit, option range checks, progress."""
 
 from __future__ import annotations
 
-from typing import NoReturn
-
-import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
 from .._files import safe_name
+from ..console import (
+    console,
+    description_column,
+    err_console,
+    fail,
+    field_column,
+    in_range,
+    print_json,
+    styled,
+)
 
-__all__ = ["console", "err_console", "fail", "safe_name", "training_progress"]
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print ``error: message`` (one line per line of the message) on stderr and exit with ``code``."""
-    for line in message.splitlines() or [message]:
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+__all__ = [
+    "console",
+    "description_column",
+    "err_console",
+    "fail",
+    "field_column",
+    "in_range",
+    "print_json",
+    "safe_name",
+    "styled",
+    "training_progress",
+]
 
 
 def training_progress(shown: Console, transient: bool) -> Progress:
     """The progress bar of a training run: steps done, the latest loss (task field ``loss``), time left."""
     return Progress(
-        TextColumn("[progress.description]{task.description}"),
+        description_column(),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
+        field_column("loss {task.fields[loss]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=shown,

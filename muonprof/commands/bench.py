@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._common import console, err_console, fail, safe_name
+from ._common import console, description_column, err_console, fail, field_column, in_range, safe_name, styled
 
 CAPTURE_STEPS = 10
 
@@ -44,7 +44,9 @@ def bench_command(
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="bf16, fp32 or both (given: timed even where emulated).")
     ] = None,
-    seeds: Annotated[int, typer.Option("--seeds", help="Sketch seeds per randomized candidate.")] = 3,
+    seeds: Annotated[
+        int, typer.Option("--seeds", callback=in_range(1), help="Sketch seeds per randomized candidate.")
+    ] = 3,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     all_layers: Annotated[
         bool, typer.Option("--all-layers", help="Bench every matrix, not only the Muon-routed ones.")
@@ -53,7 +55,7 @@ def bench_command(
     plot: Annotated[Path | None, typer.Option("--plot", help="Also draw the Pareto fronts per role as a PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the bench result JSON on stdout.")] = False,
     capture_steps: Annotated[
-        int, typer.Option("--capture-steps", help="Training steps when capturing a MODEL first.")
+        int, typer.Option("--capture-steps", callback=in_range(1), help="Training steps when capturing a MODEL first.")
     ] = CAPTURE_STEPS,
 ) -> None:
     """Time every orthogonalizer candidate on this device and measure its accuracy on each layer's spectrum."""
@@ -86,10 +88,10 @@ def bench_command(
         fail(str(err), 2)
 
     progress = Progress(
-        TextColumn("[progress.description]{task.description}"),
+        description_column(),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
+        field_column("{task.fields[detail]}"),
         TimeElapsedColumn(),
         console=shown,
         transient=as_json,
@@ -138,7 +140,7 @@ def _capture(model: str, device: Any, steps: int, path: str, shown: Any, as_json
     try:
         workload = build_workload(model, device=device)
         with Progress(
-            TextColumn("capturing {task.description}"),
+            TextColumn("capturing {task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -200,14 +202,17 @@ def _print_report(result: Any) -> None:
             f"configs): max gap alignment {check['max_gap_alignment']:.2g}, rel_err {check['max_gap_rel_err']:.2g}"
         )
     for note in result.meta.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(styled(("note:", "yellow"), f" {note}"))
     if summary.get("speedup") is not None:
         short = f"; {len(summary['short_of_target'])} layers short of it" if summary["short_of_target"] else ""
         console.print(
-            f"per step: default {baseline} everywhere {_ms(summary['default_step_s'])} "
-            f"(mean alignment {summary['default_alignment_mean']:.3f}) vs fastest reaching alignment "
-            f">= {summary['target_alignment']} per layer {_ms(summary['tuned_step_s'])}: "
-            f"[bold]{summary['speedup']:.2f}x[/]{short}"
+            styled(
+                f"per step: default {baseline} everywhere {_ms(summary['default_step_s'])} "
+                f"(mean alignment {summary['default_alignment_mean']:.3f}) vs fastest reaching alignment "
+                f">= {summary['target_alignment']} per layer {_ms(summary['tuned_step_s'])}: ",
+                (f"{summary['speedup']:.2f}x", "bold"),
+                short,
+            )
         )
     else:
         console.print(f"per step: the default {baseline} was not timed on every layer (see the bench file)")

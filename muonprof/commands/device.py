@@ -6,13 +6,13 @@ them) and decide whether Newton-Schulz should run in bf16 here at all.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from ._common import console, err_console, fail
+from ._common import console, err_console, fail, print_json, styled
 
 
 def _bytes(n: float | None) -> str:
@@ -92,7 +92,7 @@ def _matmul_table(results: list[dict[str, Any]]) -> Table:
     for r in results:
         shape = f"{r['m']}x{r['n']}x{r['k']}"
         if r["skipped"]:
-            table.add_row(r["dtype"], shape, "-", "-", "-", "-", f"[yellow]skipped:[/] {r['skipped']}")
+            table.add_row(r["dtype"], shape, "-", "-", "-", "-", styled(("skipped:", "yellow"), f" {r['skipped']}"))
             continue
         runs = f"{r['repeats']}" + (f"x{r['inner']}" if r["inner"] > 1 else "")
         table.add_row(
@@ -146,8 +146,10 @@ def device_command(
             # torch's OpenMP threads stall whenever one of them is descheduled, so a busy machine can read 10x slow
             warnings.append(f"the CPU is busy (1-min load {load:.0f}% of {info.cpu_cores} cores): rates will read low")
         if not no_probe:
-            with err_console.status("timing matmuls ...") as status, TelemetrySampler(telemetry) as sampler:
-                results = measure_matmul(dev, quick=quick, progress=lambda msg: status.update(f"timing matmuls: {msg}"))
+            with err_console.status(Text("timing matmuls ...")) as status, TelemetrySampler(telemetry) as sampler:
+                results = measure_matmul(
+                    dev, quick=quick, progress=lambda msg: status.update(Text(f"timing matmuls: {msg}"))
+                )
             rates = DeviceRates.from_results(results)
             result.update(
                 float32_matmul_precision=torch.get_float32_matmul_precision(),
@@ -160,23 +162,23 @@ def device_command(
         telemetry.close()
 
     if as_json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return
     for line in warnings:
-        err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
+        err_console.print(styled(("warning:", "yellow"), f" {line}"))
     console.print(_device_table(result["device"]))
     console.print(_telemetry_table(result["telemetry"], telemetry.name))
     if "matmul" in result:
         console.print(_matmul_table(result["matmul"]))
         during = result["telemetry_during_probe"]
         if during.get("throttled"):
-            console.print(f"[yellow]throttled while timing:[/] {during['throttle_reason']}")
+            console.print(styled(("throttled while timing:", "yellow"), f" {during['throttle_reason']}"))
         if result["float32_matmul_precision"] != "highest" and dev.type == "cuda":
             console.print(f"fp32 matmul precision is {result['float32_matmul_precision']!r} (TF32 allowed)")
-        console.print(f"[bold]{result['advice']}[/]")
+        console.print(styled((result["advice"], "bold")))
     if verbose:
         for note in info.notes:
-            console.print(f"[dim]note: {note}[/]")
+            console.print(styled((f"note: {note}", "dim")))
 
 
 def register(app: typer.Typer) -> None:

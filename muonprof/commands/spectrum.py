@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -10,11 +9,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ..capture.run import DEFAULT_WARMUP_STEPS as DEFAULT_WARMUP
 from ..capture.window import DEFAULT_WINDOW as DEFAULT_T
 from ..capture.window import WINDOW_BYTES
-from ._common import console, err_console, fail, safe_name, training_progress
+from ._common import console, err_console, fail, in_range, print_json, safe_name, styled, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -32,7 +32,7 @@ def models_command(
 
     entries = catalog()
     if as_json:
-        print(json.dumps(entries, indent=2))
+        print_json(entries)
         return
     table = Table(title="built-in models (MODEL argument of every command)")
     for col in ("name", "parameters", "Muon matrices", "description"):
@@ -45,34 +45,61 @@ def models_command(
 
 def spectrum_command(
     model: Annotated[str, typer.Argument(help="Built-in name (see `muonprof models`), module:factory or hf:PATH.")],
-    steps: Annotated[int, typer.Option("--steps", help="Training steps to capture in, after the burn-in.")] = 20,
-    every: Annotated[int, typer.Option("--every", help="Capture every K steps (and the first and last).")] = 10,
+    steps: Annotated[
+        int, typer.Option("--steps", callback=in_range(1), help="Training steps to capture in, after the burn-in.")
+    ] = 20,
+    every: Annotated[
+        int, typer.Option("--every", callback=in_range(1), help="Capture every K steps (and the first and last).")
+    ] = 10,
     warmup_steps: Annotated[
-        int, typer.Option("--warmup-steps", help=f"Burn-in steps before the first capture (default {DEFAULT_WARMUP}).")
+        int,
+        typer.Option(
+            "--warmup-steps",
+            callback=in_range(0),
+            help=f"Burn-in steps before the first capture (default {DEFAULT_WARMUP}).",
+        ),
     ] = DEFAULT_WARMUP,
     captures: Annotated[
-        int | None, typer.Option("--captures", help="Capture K times, spread evenly over --steps (replaces --every).")
+        int | None,
+        typer.Option(
+            "--captures", callback=in_range(1), help="Capture K times, spread evenly over --steps (replaces --every)."
+        ),
     ] = None,
     window: Annotated[
         int | None,
         typer.Option(
             "--window",
+            callback=in_range(0),
             help=f"Also keep the last T raw gradients per Muon layer (default min({DEFAULT_T}, --steps); 0: none).",
         ),
     ] = None,
     window_mb: Annotated[
-        float, typer.Option("--window-mb", help="Byte cap of the window in MiB (layers above it are skipped).")
+        float,
+        typer.Option(
+            "--window-mb",
+            callback=in_range(0, lo_open=True),
+            help="Byte cap of the window in MiB (layers above it are skipped).",
+        ),
     ] = WINDOW_BYTES / 2**20,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences (or images) per batch.")] = 8,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence (language models).")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", callback=in_range(1), help="Sequences (or images) per batch.")
+    ] = 8,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", callback=in_range(1), help="Tokens per sequence (language models).")
+    ] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="Train with muon (ProfiledMuon) or adamw.")] = "muon",
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 0.02 muon, 1e-3 adamw).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", callback=in_range(0, lo_open=True), help="Learning rate (default 0.02 muon, 1e-3 adamw)."),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option("--data", help="Text file/folder, 'stdlib' (default), 'random'; images: synthetic, digits."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seeds the init and the batches.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", callback=in_range(0, 2**63 - 1), help="Seeds the init and the batches.")
+    ] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Spectra file (default: MODEL.spectra.pt).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also write a PNG of the spectra here.")] = None,
@@ -107,7 +134,7 @@ def spectrum_command(
             check_writable(plot)
         torch_device = resolve_device(device)
         overrides = parse_overrides(set_ or [])
-        with console.status(f"building {model} and its data", spinner="dots") if not as_json else nullcontext():
+        with console.status(Text(f"building {model} and its data"), spinner="dots") if not as_json else nullcontext():
             workload = build_workload(
                 model,
                 overrides=overrides,
@@ -123,8 +150,11 @@ def spectrum_command(
     shown = console if not as_json else err_console
     params = sum(p.numel() for p in workload.model.parameters())
     shown.print(
-        f"[bold]{model}[/]: {params / 1e6:,.2f}M parameters on {torch_device}; data: {workload.data['description']}; "
-        f"burn-in {warmup_steps} steps, then capturing at steps {', '.join(map(str, planned))}"
+        styled(
+            (model, "bold"),
+            f": {params / 1e6:,.2f}M parameters on {torch_device}; data: {workload.data['description']}; "
+            f"burn-in {warmup_steps} steps, then capturing at steps {', '.join(map(str, planned))}",
+        )
     )
     progress = training_progress(shown, as_json)
     try:
@@ -165,7 +195,7 @@ def spectrum_command(
     if as_json:
         summary = spectra.summary()
         summary["files"] = {"spectra": str(out), "plot": str(plot) if plot else None}
-        print(json.dumps(summary, indent=2, default=_json_default))
+        print_json(summary, default=_json_default)
         return
     console.print(_layer_table(spectra))
     console.print(

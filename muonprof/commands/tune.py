@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from ..capture import DEFAULT_WARMUP_STEPS, DEFAULT_WINDOW
 from ..stats import DEFAULT_MARGIN
-from ._common import console, err_console, fail, safe_name
+from ._common import console, description_column, err_console, fail, in_range, print_json, safe_name
 
 
 def register(app: typer.Typer) -> None:
@@ -28,10 +28,19 @@ def tune_command(
     bench_file: Annotated[Path | None, typer.Option("--bench", help="A bench file (default: run bench).")] = None,
     target_alignment: Annotated[
         float | None,
-        typer.Option("--target-alignment", help="Fastest profile with this descent share (default: the default's)."),
+        typer.Option(
+            "--target-alignment",
+            callback=in_range(0, 1, lo_open=True),
+            help="Fastest profile with this descent share (default: the default's).",
+        ),
     ] = None,
     time_budget_ms: Annotated[
-        float | None, typer.Option("--time-budget-ms", help="Best profile within this orthogonalization time.")
+        float | None,
+        typer.Option(
+            "--time-budget-ms",
+            callback=in_range(0, lo_open=True),
+            help="Best profile within this orthogonalization time.",
+        ),
     ] = None,
     state_memory_budget: Annotated[
         str | None,
@@ -43,62 +52,108 @@ def tune_command(
             "fixed and reported apart.",
         ),
     ] = None,
-    trials: Annotated[int, typer.Option("--trials", help="Stage-1 Optuna trials (cheap: no training).")] = 300,
-    lr_trials: Annotated[int, typer.Option("--lr-trials", help="Stage-2 training trials (0 skips stage 2).")] = 12,
-    lr_steps: Annotated[int, typer.Option("--lr-steps", help="Training steps per stage-2 trial.")] = 60,
-    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Stage-2 pruning interval.")] = None,
+    trials: Annotated[
+        int, typer.Option("--trials", callback=in_range(1), help="Stage-1 Optuna trials (cheap: no training).")
+    ] = 300,
+    lr_trials: Annotated[
+        int, typer.Option("--lr-trials", callback=in_range(0), help="Stage-2 training trials (0 skips stage 2).")
+    ] = 12,
+    lr_steps: Annotated[
+        int, typer.Option("--lr-steps", callback=in_range(1), help="Training steps per stage-2 trial.")
+    ] = 60,
+    eval_every: Annotated[
+        int | None, typer.Option("--eval-every", callback=in_range(1), help="Stage-2 pruning interval.")
+    ] = None,
     pruner: Annotated[str, typer.Option("--pruner", help="median or hyperband.")] = "median",
-    floor: Annotated[float, typer.Option("--min-layer-alignment", help="No layer below this.")] = 0.5,
+    floor: Annotated[
+        float, typer.Option("--min-layer-alignment", callback=in_range(0, 1), help="No layer below this.")
+    ] = 0.5,
     storage: Annotated[
-        str | None, typer.Option("--storage", help="Optuna storage URL or journal:PATH (default: SQLite by --out).")
+        str | None,
+        typer.Option(
+            "--storage", callback=_check_storage, help="Optuna storage URL or journal:PATH (default: SQLite by --out)."
+        ),
     ] = None,
     study_name: Annotated[str | None, typer.Option("--study-name", help="Resume or share this study.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds samplers, init and batches.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", callback=in_range(0, 2**63 - 1), help="Seeds samplers, init and batches.")
+    ] = 0,
     out: Annotated[Path | None, typer.Option("--out", help="Profile to write (default MODEL.profile.json).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="PNG of the stage-1 Pareto front.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     capture_steps: Annotated[
-        int, typer.Option("--capture-steps", help="Training steps captured after the burn-in.")
+        int, typer.Option("--capture-steps", callback=in_range(1), help="Training steps captured after the burn-in.")
     ] = 20,
     warmup_steps: Annotated[
         int,
-        typer.Option("--warmup-steps", help="Burn-in steps before the first capture (early spectra are low-rank)."),
+        typer.Option(
+            "--warmup-steps",
+            callback=in_range(0),
+            help="Burn-in steps before the first capture (early spectra are low-rank).",
+        ),
     ] = DEFAULT_WARMUP_STEPS,
     captures: Annotated[
-        int, typer.Option("--captures", help="Spectra snapshots spread over --capture-steps (scored on the worst).")
+        int,
+        typer.Option(
+            "--captures",
+            callback=in_range(1),
+            help="Spectra snapshots spread over --capture-steps (scored on the worst).",
+        ),
     ] = 3,
     window: Annotated[
-        int, typer.Option("--window", help="Consecutive gradients kept for the multi-step accuracy (0: none).")
+        int,
+        typer.Option(
+            "--window", callback=in_range(0), help="Consecutive gradients kept for the multi-step accuracy (0: none)."
+        ),
     ] = DEFAULT_WINDOW,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size for capture and stage 2.")] = 8,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Sequence length (language models).")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", callback=in_range(1), help="Batch size for capture and stage 2.")
+    ] = 8,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", callback=in_range(1), help="Sequence length (language models).")
+    ] = None,
     data: Annotated[str | None, typer.Option("--data", help="Training data (see `muonprof spectrum`).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model override key=value.")] = None,
     methods: Annotated[str | None, typer.Option("--methods", help="Bench grid: methods (when benching).")] = None,
     ranks: Annotated[str | None, typer.Option("--ranks", help="Bench grid: ranks (when benching).")] = None,
     race_candidates: Annotated[
-        int, typer.Option("--race-candidates", help="Stage-1 profiles raced against the default (0: no race).")
+        int,
+        typer.Option(
+            "--race-candidates", callback=in_range(0), help="Stage-1 profiles raced against the default (0: no race)."
+        ),
     ] = 3,
-    race_seeds: Annotated[int, typer.Option("--race-seeds", help="Paired seeds per race contender.")] = 3,
+    race_seeds: Annotated[
+        int, typer.Option("--race-seeds", callback=in_range(1), help="Paired seeds per race contender.")
+    ] = 3,
     race_steps: Annotated[
-        int, typer.Option("--race-steps", help="Race horizon: training steps of the last rung.")
+        int, typer.Option("--race-steps", callback=in_range(1), help="Race horizon: training steps of the last rung.")
     ] = 200,
-    race_rungs: Annotated[int, typer.Option("--race-rungs", help="Successive-halving rungs (horizon halves).")] = 2,
+    race_rungs: Annotated[
+        int, typer.Option("--race-rungs", callback=in_range(1), help="Successive-halving rungs (horizon halves).")
+    ] = 2,
     race_eval_every: Annotated[
-        int | None, typer.Option("--race-eval-every", help="Race evaluation interval (default: shortest rung / 4).")
+        int | None,
+        typer.Option(
+            "--race-eval-every", callback=in_range(1), help="Race evaluation interval (default: shortest rung / 4)."
+        ),
     ] = None,
     max_loss_increase: Annotated[
         float,
         typer.Option(
             "--max-loss-increase",
+            callback=in_range(0),
             help="Race margin δ (nats): a candidate passes when the 95% upper bound of its mean paired "
             "val-loss difference to the default is below it.",
         ),
     ] = DEFAULT_MARGIN,
     min_speedup: Annotated[
         float,
-        typer.Option("--min-speedup", help="A passer ships only if its measured optimizer step is this much faster."),
+        typer.Option(
+            "--min-speedup",
+            callback=in_range(0, lo_open=True),
+            help="A passer ships only if its measured optimizer step is this much faster.",
+        ),
     ] = 1.05,
     match_update_size: Annotated[
         bool,
@@ -182,7 +237,8 @@ def tune_command(
     import torch
 
     try:
-        outcome = run_tune(request, _Reporter(shown, as_json))
+        with _quiet_interrupts():
+            outcome = run_tune(request, _Reporter(shown, as_json))
     except KeyboardInterrupt:
         fail(
             "interrupted: finished trials and race runs are stored in the Optuna storage; run the same command "
@@ -226,7 +282,7 @@ def tune_command(
         "notes": outcome.notes,
     }
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        print_json(result)
         return
     console.print(_front_table(s1))
     choice = s1.choice
@@ -255,6 +311,51 @@ def tune_command(
             + f"; study {outcome.study} in {outcome.storage}"
         )
     )
+
+
+class _DropInterrupts(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C as a failed trial, with the KeyboardInterrupt's whole traceback
+    (~45 lines) before it re-raises; the command then prints its own one line, so that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_interrupts() -> Iterator[None]:
+    """Drop Optuna's KeyboardInterrupt log records (only those) while the pipeline runs."""
+    import optuna
+
+    optuna.logging.get_logger("optuna")  # configures Optuna's own handler now, so the filter reaches it
+    logger = logging.getLogger("optuna")
+    drop = _DropInterrupts()
+    loggers = [
+        logger,
+        *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("optuna.")),
+    ]
+    for each in loggers:
+        each.addFilter(drop)
+        for handler in each.handlers:
+            handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeFilter(drop)
+            for handler in each.handlers:
+                handler.removeFilter(drop)
+
+
+def _check_storage(value: str | None) -> str | None:
+    """``--storage journal:PATH``: the folder of PATH must exist (Optuna would create it, even at the root)."""
+    if value is None:
+        return value
+    if value.startswith("journal:") or ("://" not in value and value.endswith((".log", ".journal", ".jsonl"))):
+        parent = Path(value.removeprefix("journal:")).expanduser().parent
+        if not parent.is_dir():
+            fail(f"--storage {value}: folder {parent} does not exist (create it first)", 2)
+    return value
 
 
 class _Reporter:
@@ -360,7 +461,7 @@ def _finished(study: Any) -> int:
 
 def _progress(shown: Any, transient: bool) -> Progress:
     return Progress(
-        TextColumn("[progress.description]{task.description}"),
+        description_column(),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from functools import partial
@@ -12,9 +11,10 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from ..stats import DEFAULT_MARGIN
-from ._common import console, err_console, fail, safe_name, training_progress
+from ._common import console, err_console, fail, in_range, print_json, safe_name, styled, training_progress
 
 SET_HELP = "Override a model setting, e.g. --set width=512 --set depth=4 (repeatable)."
 
@@ -34,33 +34,63 @@ def validate_command(
     against: Annotated[
         str, typer.Option("--against", help="Contenders to race it against: default, torch, adamw (comma-separated).")
     ] = "default,torch,adamw",
-    steps: Annotated[int, typer.Option("--steps", help="Training steps per run (the equal-steps comparison).")] = 200,
+    steps: Annotated[
+        int, typer.Option("--steps", callback=in_range(1), help="Training steps per run (the equal-steps comparison).")
+    ] = 200,
     time_budget: Annotated[
         float | None,
-        typer.Option("--time-budget", help="Also stop a run after this many seconds of training."),
+        typer.Option(
+            "--time-budget",
+            callback=in_range(0, lo_open=True),
+            help="Also stop a run after this many seconds of training.",
+        ),
     ] = None,
     eval_every: Annotated[
-        int | None, typer.Option("--eval-every", help="Validation loss every K steps (default: steps/20).")
+        int | None,
+        typer.Option("--eval-every", callback=in_range(1), help="Validation loss every K steps (default: steps/20)."),
     ] = None,
     data: Annotated[
         str | None,
         typer.Option("--data", help="Text file/folder, 'stdlib' (default), 'random'; images: synthetic, digits."),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="First seed (init and batches).")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", callback=in_range(0, 2**63 - 1), help="First seed (init and batches).")
+    ] = 0,
     seeds: Annotated[
-        int, typer.Option("--seeds", help="Seeds per contender (paired; >= 2 gives a verdict, 3+ recommended).")
+        int,
+        typer.Option(
+            "--seeds", callback=in_range(1), help="Seeds per contender (paired; >= 2 gives a verdict, 3+ recommended)."
+        ),
     ] = 1,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences (or images) per batch.")] = 8,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence (language models).")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", callback=in_range(1), help="Sequences (or images) per batch.")
+    ] = 8,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", callback=in_range(1), help="Tokens per sequence (language models).")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    lr: Annotated[float | None, typer.Option("--lr", help="Muon lr of profile/default/torch (default 0.02).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr", callback=in_range(0, lo_open=True), help="Muon lr of profile/default/torch (default 0.02)."
+        ),
+    ] = None,
     adamw_lr: Annotated[
-        float | None, typer.Option("--adamw-lr", help="lr of their AdamW group (embeddings, head, gains; 3e-4).")
+        float | None,
+        typer.Option(
+            "--adamw-lr",
+            callback=in_range(0, lo_open=True),
+            help="lr of their AdamW group (embeddings, head, gains; 3e-4).",
+        ),
     ] = None,
     baseline_lr: Annotated[
         float | None,
-        typer.Option("--baseline-lr", help="lr of the all-AdamW contender (default by size: 3e-3/1e-3/6e-4)."),
+        typer.Option(
+            "--baseline-lr",
+            callback=in_range(0, lo_open=True),
+            help="lr of the all-AdamW contender (default by size: 3e-3/1e-3/6e-4).",
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Results JSON (default: MODEL.validate.json).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also write a PNG of the loss curves here.")] = None,
@@ -73,6 +103,7 @@ def validate_command(
         float | None,
         typer.Option(
             "--max-loss-increase",
+            callback=in_range(0),
             help=f"Margin δ (nats): non-inferior if the paired 95% bound of Δ val loss is below it [{DEFAULT_MARGIN}].",
         ),
     ] = None,
@@ -84,6 +115,7 @@ def validate_command(
         int,
         typer.Option(
             "--nproc",
+            callback=in_range(1),
             help="Train data-parallel over N local processes (torchrun-style; gloo on CPU, one GPU per rank "
             "with nccl); --batch-size is the global batch, split over the ranks.",
         ),
@@ -132,7 +164,7 @@ def validate_command(
     def report(event: ProgressEvent) -> None:
         key = (event.contender, event.seed)
         if event.kind == "skipped":
-            shown.print(f"[yellow]skipping[/] {event.contender}: {event.message}")
+            shown.print(styled(("skipping", "yellow"), f" {event.contender}: {event.message}"))
         elif event.kind == "start":
             label = event.contender + (f" seed {event.seed}" if multi_seed else "")
             tasks[key] = progress.add_task(label, total=event.total, loss="-")
@@ -187,8 +219,11 @@ def validate_command(
     cores = os.cpu_count() or 1
     if torch_device.type == "cpu" and load and load[0] > 0.5:
         console.print(
-            f"[yellow]note:[/] CPU load average was {load[0]:.1f} on {cores} cores before the runs: other work "
-            "shares this machine, so the timings (and the equal wall-clock column) are noisy"
+            styled(
+                ("note:", "yellow"),
+                f" CPU load average was {load[0]:.1f} on {cores} cores before the runs: other work "
+                "shares this machine, so the timings (and the equal wall-clock column) are noisy",
+            )
         )
     console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
@@ -229,7 +264,7 @@ def _show(result: Any, out: Path | None, plot: Path | None, as_json: bool) -> No
     if as_json:
         document = result.to_dict(curves=False)
         document["files"] = {"results": str(out) if out else None, "plot": str(plot) if plot else None}
-        print(json.dumps(document, indent=2, default=str))
+        print_json(document)
         return
     console.print(_table(result))
     console.print(_details_table(result))
@@ -240,16 +275,21 @@ def _show(result: Any, out: Path | None, plot: Path | None, as_json: bool) -> No
         console.print(verdict_line(verdict), highlight=False)
     if len(result.seeds) == 1 and len(summary["verdicts"]["final_val_loss"]["pairs"]) > 0:
         console.print(
-            "[yellow]one seed:[/] numbers only; no verdict is possible with one seed (run --seeds 3 for a paired "
-            "bound and verdict)"
+            styled(
+                ("one seed:", "yellow"),
+                " numbers only; no verdict is possible with one seed (run --seeds 3 for a paired bound and verdict)",
+            )
         )
     for name, row in summary["rows"].items():
         per_step = row.get("grad_evals_per_step")
         if per_step is not None and per_step > 1.0 + 1e-9:
             console.print(
-                f"[yellow]note:[/] {name} made {per_step:.2f} gradient evaluations per step "
-                f"({row['total_grad_evals']:g} in all): equal steps is not equal compute for it; the results "
-                "file has grad_evals per step to compare the curves per gradient evaluation"
+                styled(
+                    ("note:", "yellow"),
+                    f" {name} made {per_step:.2f} gradient evaluations per step "
+                    f"({row['total_grad_evals']:g} in all): equal steps is not equal compute for it; the results "
+                    "file has grad_evals per step to compare the curves per gradient evaluation",
+                )
             )
     distributed = result.meta.get("distributed") or {}
     if distributed.get("world_size", 1) > 1:
@@ -345,7 +385,7 @@ def _details_table(result: Any) -> Table:
     table.add_column("status", overflow="fold", min_width=6)
     for name, row in rows.items():
         if row.get("skipped"):
-            table.add_row(name, "", "", "", "", "", "", f"[yellow]skipped: {row['skipped']}[/]")
+            table.add_row(name, "", "", "", "", "", "", styled((f"skipped: {row['skipped']}", "yellow")))
             continue
         status = row["status"]
         table.add_row(
@@ -356,7 +396,7 @@ def _details_table(result: Any) -> Table:
             _ms(row.get("median_step_s")),
             _bytes(row.get("peak_memory_bytes")),
             _bytes(row.get("state_bytes")),
-            f"[green]{status}[/]" if status == "ok" else f"[red]{status}[/]",
+            styled((status, "green" if status == "ok" else "red")),
         )
     return table
 
@@ -370,11 +410,11 @@ def _delta(pair: dict[str, Any] | None) -> str:
     return f"{pair['mean_diff']:+.4f}\n[{pair['upper_bound']:+.4f}]"
 
 
-def _verdict_text(pair: dict[str, Any] | None, status: str = "ok") -> str:
+def _verdict_text(pair: dict[str, Any] | None, status: str = "ok") -> Text:
     if pair is None or pair.get("verdict") is None:
-        return "-" if status == "ok" else f"[red]{status}[/]"
+        return Text("-") if status == "ok" else styled((status, "red"))
     colour = {"better": "green", "non-inferior": "green", "worse": "red", "diverged": "red"}.get(pair["verdict"])
-    return f"[{colour}]{pair['verdict']}[/]" if colour else pair["verdict"]
+    return styled((pair["verdict"], colour)) if colour else Text(pair["verdict"])
 
 
 def _to_target_text(entry: dict[str, Any] | None) -> tuple[str, str]:

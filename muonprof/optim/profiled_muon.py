@@ -36,6 +36,7 @@ so it costs no pipeline stall; ``skip_nonfinite=False`` turns it off (then NaN s
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -172,6 +173,15 @@ class ProfiledMuon(torch.optim.Optimizer):
         # Everything every rank must agree on besides the plans (the groups' settings, minus the tensors).
         hyper = {"groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
         self._setup_distributed(named, distributed, process_group, {**hyper, "skip": skip_nonfinite, "seed": seed})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, after checking that the saved state fits this profile's recipes.
+
+        A state saved under another profile (a layer moved between Muon and AdamW, or to/from low-rank
+        momentum) would otherwise load silently and fail later inside ``step`` on a missing internal key;
+        here it is one ValueError that names the layer whose saved state does not match."""
+        _check_saved_state(state_dict, self.param_groups, self._plan_of)
+        super().load_state_dict(state_dict)
 
     def _setup_distributed(
         self, named: list[tuple[str, Tensor]], distributed: bool | None, process_group: Any, hyper: dict[str, Any]
@@ -673,6 +683,51 @@ def _named_and_routes(
     return named, routes, layouts
 
 
+def _expected_state(plan: LayerPlan, p: Tensor) -> dict[str, tuple[int, ...]]:
+    """The state tensors (and their shapes) this optimizer keeps for ``p`` under ``plan`` once it has stepped.
+
+    Shapes are this rank's (``_local``: an FSDP2 shard), as the state is allocated; the low-rank factors are
+    checked by their rank (``momentum_S``), which does not depend on the sharding."""
+    local = tuple(_local(p).shape)
+    if plan.optimizer == "adamw":
+        return {"exp_avg": local, "exp_avg_sq": local}
+    if plan.momentum_rank:
+        return {"momentum_S": (int(plan.momentum_rank),)}
+    return {"momentum_buffer": local}
+
+
+def _check_saved_state(
+    state_dict: dict[str, Any], groups: list[dict[str, Any]], plan_of: dict[int, LayerPlan]
+) -> None:
+    """ValueError naming the first layer whose saved state does not fit its plan here (see load_state_dict)."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("load_state_dict expects a ProfiledMuon.state_dict() (a dict with 'state' and 'param_groups')")
+    saved = state_dict["param_groups"]
+    ours = [("muon" if g.get("use_muon") else "adamw", len(g["params"])) for g in groups]
+    theirs = [("muon" if g.get("use_muon") else "adamw", len(g.get("params", []))) for g in saved]
+    if ours != theirs:
+        raise ValueError(
+            f"this state_dict was saved under another profile or model: its parameter groups are {theirs}, "
+            f"this optimizer's are {ours} (layers moved between Muon and AdamW?)"
+        )
+    for saved_group, group in zip(saved, groups):
+        for index, p in zip(saved_group["params"], group["params"]):
+            state = state_dict["state"].get(index)
+            if not state:
+                continue  # not stepped yet when saved: nothing to match
+            plan = plan_of[id(p)]
+            for key, shape in _expected_state(plan, p).items():
+                value = state.get(key)
+                got = tuple(value.shape) if isinstance(value, Tensor) else None
+                if got != shape:
+                    found = ", ".join(sorted(k for k in state if k != "step")) or "nothing"
+                    raise ValueError(
+                        f"state_dict does not match this profile: layer {plan.name!r} ({plan.optimizer}"
+                        f"{', ' + plan.momentum_label if plan.optimizer == 'muon' else ''}) needs {key} of shape "
+                        f"{list(shape)}, the saved state holds {found} (saved under another profile?)"
+                    )
+
+
 def _check_hparams(
     lr: float,
     momentum: float,
@@ -682,17 +737,27 @@ def _check_hparams(
     adamw_eps: float,
     adamw_weight_decay: float,
 ) -> None:
+    """One ValueError naming the first bad hyperparameter. Every one must be a finite number: an infinite
+    lr or weight decay is not refused by a plain range check (inf >= 0) and turns every weight to NaN/0."""
+
+    def finite(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    betas = tuple(adamw_betas) if isinstance(adamw_betas, tuple | list) else ()
     checks = [
-        (lr >= 0, f"lr must be >= 0, got {lr}"),
-        (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}"),
-        (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
-        (adamw_lr >= 0, f"adamw_lr must be >= 0, got {adamw_lr}"),
+        (finite(lr) and lr >= 0, f"lr must be >= 0 and finite, got {lr}"),
+        (finite(momentum) and 0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}"),
+        (finite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0 and finite, got {weight_decay}"),
+        (finite(adamw_lr) and adamw_lr >= 0, f"adamw_lr must be >= 0 and finite, got {adamw_lr}"),
         (
-            len(adamw_betas) == 2 and all(0 <= b < 1 for b in adamw_betas),
-            f"adamw_betas must be in [0, 1), got {adamw_betas}",
+            len(betas) == 2 and all(finite(b) and 0 <= b < 1 for b in betas),
+            f"adamw_betas must be two numbers in [0, 1), got {adamw_betas}",
         ),
-        (adamw_eps > 0, f"adamw_eps must be > 0, got {adamw_eps}"),
-        (adamw_weight_decay >= 0, f"adamw_weight_decay must be >= 0, got {adamw_weight_decay}"),
+        (finite(adamw_eps) and adamw_eps > 0, f"adamw_eps must be > 0 and finite, got {adamw_eps}"),
+        (
+            finite(adamw_weight_decay) and adamw_weight_decay >= 0,
+            f"adamw_weight_decay must be >= 0 and finite, got {adamw_weight_decay}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .._files import atomic_write
+from .._files import MAX_JSON_DEPTH, atomic_write, dumps_json, json_depth, loads_json
 from .schema import Profile
 
 
@@ -46,6 +45,8 @@ def parse_profile(data: Mapping[str, Any] | Profile, where: str = "profile") -> 
         return data
     if not isinstance(data, Mapping):
         raise ProfileError(f"{where}: a profile must be a JSON object, got {type(data).__name__}")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ProfileError(f"{where}: nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     try:
         return Profile.model_validate(dict(data))
     except ValidationError as err:
@@ -56,6 +57,10 @@ def load_profile(source: str | os.PathLike[str] | Mapping[str, Any] | Profile) -
     """A validated profile from a path, a parsed JSON dict, or a Profile (returned as is)."""
     if isinstance(source, (Profile, Mapping)):
         return parse_profile(source)
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(
+            f"profile must be None, a path (str or os.PathLike), a dict or a Profile, got {type(source).__name__}"
+        )
     path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")
@@ -63,15 +68,12 @@ def load_profile(source: str | os.PathLike[str] | Mapping[str, Any] | Profile) -
         raise ProfileError(f"{path}: no such profile file") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
         raise ProfileError(f"{path}: cannot read profile ({err.__class__.__name__})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ProfileError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
-    return parse_profile(data, str(path))
+    return parse_profile(loads_json(text, where=str(path), error=ProfileError), str(path))
 
 
 def profile_to_json(profile: Profile) -> str:
-    return json.dumps(profile.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+    document = profile.model_dump(mode="json", exclude_none=True)
+    return dumps_json(document, what="profile", error=ProfileError, indent=2) + "\n"
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

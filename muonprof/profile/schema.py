@@ -19,13 +19,23 @@ Coefficients = str | list[Annotated[list[float], Field(min_length=2, max_length=
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a profile is strict JSON, so no field may hold NaN or an infinity.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Measured(BaseModel):
     """What bench/tune measured for this layer's chosen recipe, so a reader can see why it was chosen."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unmeasured_is_null(cls, data: Any) -> Any:
+        """A candidate that was never timed (or diverged) has an infinite/NaN number in memory: it was not
+        measured, so it is stored as null; strict JSON has no infinity to write it as."""
+        if isinstance(data, dict):
+            return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()}
+        return data
 
     time_ms: float | None = Field(None, ge=0, description="Orthogonalization time per step (batched), ms.")
     alignment: float | None = Field(None, description="<G, O> / (||G||_* ||O||_op) on captured spectra.")
@@ -93,7 +103,7 @@ class LayerSettings(_Strict):
     lr_rule: Literal["original", "match_rms_adamw", "spectral", "none"] | None = Field(
         None, description="Shape rule: step = base lr x lr_rule(shape) x lr_scale."
     )
-    lr_scale: float | None = Field(None, gt=0)
+    lr_scale: float | None = Field(None, gt=0, le=1e6)
     momentum: Literal["ema", "storm"] | None = Field(
         None,
         description=(

@@ -37,7 +37,6 @@ records, if any), so a file written by an earlier version is re-judged by the cu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -46,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._files import atomic_write
+from .._files import finite_or_null, loads_json, write_json
 from ..stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_MARGIN,
@@ -181,15 +180,15 @@ class ValidationResult:
 
 def save_results(result: ValidationResult, path: str | os.PathLike[str]) -> Path:
     """Write the results JSON atomically (strict JSON: non-finite numbers are stored as null)."""
-    text = json.dumps(_strict(result.to_dict()), indent=1, allow_nan=False) + "\n"
-    return atomic_write(path, lambda fh: fh.write(text.encode()))
+    return write_json(path, _strict(result.to_dict()), what=str(path), error=ResultsFormatError, indent=1)
 
 
 def load_results(path: str | os.PathLike[str]) -> ValidationResult:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ResultsFormatError(f"{path}: cannot read results ({err})") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ResultsFormatError(f"{path}: cannot read results ({type(err).__name__})") from None
+    data = loads_json(text, where=str(path), error=ResultsFormatError)
     if not isinstance(data, dict):
         raise ResultsFormatError(f"{path}: not a {FORMAT} results file")
     try:
@@ -558,13 +557,7 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 def _strict(value: Any) -> Any:
     """Replace non-finite floats by None so the file is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
+    return finite_or_null(value)
 
 
 __all__ = [
