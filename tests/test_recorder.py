@@ -23,7 +23,7 @@ def test_recorder_in_a_users_loop_records_what_capture_spectra_records() -> None
     model = workload.model
     opt = ProfiledMuon(model, lr=0.02, momentum=0.95, seed=0)
     steps = [c.step for c in reference.captures]
-    recorder = SpectrumRecorder(model, opt, capture_steps=steps, window=3, total_steps=6)
+    recorder = SpectrumRecorder(model, opt, capture_steps=steps, window=3, total_steps=6, layers="all")
     model.train()
     for step in range(1, 7):
         opt.zero_grad(set_to_none=True)
@@ -69,7 +69,7 @@ def test_recorder_with_any_optimizer_keeps_a_shadow_momentum_and_saves_the_artif
     path = recorder.save(tmp_path / "run.spectra.pt")
     loaded = load_spectra(path)
     assert loaded.meta["recorder"] and loaded.meta["capture_steps"] == [3, 5]
-    assert {layer.name for layer in loaded.layers} == {"0.weight", "2.weight", "4.weight"}
+    assert {layer.name for layer in loaded.layers} == {"0.weight", "2.weight"}  # the Muon ones: not the head
 
 
 def test_recorder_refuses_bad_settings_with_one_line() -> None:
@@ -101,3 +101,13 @@ def test_tune_says_what_it_needs_for_a_recorded_run(tmp_path: Path) -> None:
     assert "SpectrumRecorder(..., name='package.module:factory')" in result.output
     assert f"muonprof bench {path}" in " ".join(result.output.split())
     assert path.read_bytes() == before and not (tmp_path / "p.json").exists()
+
+
+def test_recorder_layers_all_adds_the_adamw_routed_matrices() -> None:
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 20))
+    muon = SpectrumRecorder(model)
+    everything = SpectrumRecorder(model, layers="all")
+    assert [layer.name for layer in muon.layers] == ["1.weight"]
+    assert [layer.name for layer in everything.layers] == ["0.weight", "1.weight", "3.weight"]
+    with pytest.raises(ValueError, match="layers"):
+        SpectrumRecorder(model, layers="some")

@@ -70,6 +70,10 @@ class SpectrumRecorder:
             on (``every=10``: steps w+10, w+20, ...).
         momentum: mu of the shadow momentum and of M (ProfiledMuon's group momentum when it is the optimizer).
         window: keep the last ``window`` gradients (needs ``total_steps``) within ``window_bytes``.
+        layers: ``"muon"`` (default) records the matrices Muon updates (or would, under another optimizer): what
+            bench prices and tune chooses for. ``"all"`` adds the AdamW-routed ones (embeddings, heads, stems), as
+            ``muonprof spectrum`` does; on an LM their vocabulary-sized tables are most of a capture's cost
+            (llama-20m: ~34% overhead at a capture every 10 steps with them, measured).
         name: what the artifact calls the model (default: the class name). Give your model's
             ``package.module:factory`` spec (a factory returning the model, its batches and loss) so that
             ``muonprof tune FILE.spectra.pt`` can rebuild and train it; ``muonprof bench`` needs no more than the
@@ -88,6 +92,7 @@ class SpectrumRecorder:
         window: int = 0,
         total_steps: int | None = None,
         window_bytes: int = WINDOW_BYTES,
+        layers: str = "muon",
         name: str | None = None,
     ) -> None:
         if capture_steps is None and every < 1:
@@ -96,6 +101,8 @@ class SpectrumRecorder:
             raise ValueError("capture_steps are 1-based training steps: each must be at least 1")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if layers not in ("muon", "all"):
+            raise ValueError(f"layers must be 'muon' or 'all', got {layers!r}")
         if window and total_steps is None:
             raise ValueError("window needs total_steps: the window is the last `window` steps of the run")
         optimizer = unwrap_optimizer(optimizer)
@@ -111,6 +118,10 @@ class SpectrumRecorder:
         if not self.named:
             raise ValueError(f"{self.name} has no matrix parameters to record (only vectors/scalars)")
         routes = route_module(model)
+        if layers == "muon":
+            self.named = [(n, p) for n, p in self.named if routes[n][0] == "muon"]
+            if not self.named:
+                raise ValueError(f"{self.name} has no matrices Muon would update: layers='all' records the others")
         self.profiled = isinstance(optimizer, ProfiledMuon)
         if self.profiled:
             assert isinstance(optimizer, ProfiledMuon)
