@@ -50,6 +50,7 @@ from .study import default_storage, finished_trials
 from .writer import build_profile, state_summary
 
 Update = Callable[..., None]  # update(completed, total=None)
+_VOLATILE_META = frozenset({"created", "timings", "command", "versions"})  # a spectra file's, not its inputs
 
 
 class Reporter(Protocol):
@@ -257,7 +258,9 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
         )
         update(request.trials)
     notes.extend(s1.notes)
-    bench = s1.bench or bench  # the study's own bench when this run measured other timings
+    if s1.adopted_bench and s1.bench is not None:
+        ui.stage(f"3/5 orthogonalizers: using the bench study {s1.study_name} was made with (these timings differ)")
+        bench = s1.bench  # its costs go into the profile: every worker writes the same one
 
     s2 = None
     lr = LrChoice()
@@ -443,8 +446,8 @@ def _search_inputs(request: TuneRequest, spectra: Spectra | None, inputs: dict[s
     data = {"--set": inputs["overrides"], "--data": inputs["data"], "--seq-len": inputs["seq_len"],
             "--batch-size": request.batch_size, "--seed": request.seed, "device": request.device.type}  # fmt: skip
     if spectra is not None:
-        meta = spectra.meta.get("tune_inputs") or _digest({k: v for k, v in spectra.meta.items() if k != "created"})
-        return {**data, "spectra file": meta}
+        made_of = {k: v for k, v in spectra.meta.items() if k not in _VOLATILE_META}
+        return {**data, "spectra file": spectra.meta.get("tune_inputs") or _digest(made_of)}
     return {
         **data,
         "--capture-steps": request.capture_steps,

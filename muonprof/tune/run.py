@@ -41,6 +41,7 @@ class Stage1Result:
     notes: list[str] = field(default_factory=list)
     state_budget: int | None = None  # --state-memory-budget in bytes (None: not given)
     bench: BenchResult | None = None  # the bench the study decided with (the stored one: see tune_stage1)
+    adopted_bench: bool = False  # True: that is the study's stored bench, not this run's (other timings)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def tune_stage1(
     ``key``: the inputs behind the spectra (data, batch size, capture options...), for the study's key; with
     the grid and ``floor`` it defines the study (see ``study.open_study``). The study stores the bench it was
     created with, and a later or second worker whose own bench measured other timings uses the stored one, so
-    all of them search and decide with the same menus (said in ``notes``).
+    all of them search and decide with the same menus (``adopted_bench``) and write the same profile.
     """
     weights = momentum_weights(spectra) if spectra is not None else None
     notes = [] if weights is not None else ["no spectra: layers weighted equally in the descent share"]
@@ -174,10 +175,11 @@ def tune_stage1(
         on_create=on_create,
     )
     stored = get_blob(study, "bench")
+    adopted = False
     if stored is not None and stored != json.loads(json.dumps(bench.to_json())):
         bench = BenchResult.from_json(stored, f"the bench stored in study {name}")
         menus, base, exact = prepare(bench)
-        notes.append(f"stage 1 uses the bench its study {name} was created with (this run's timings differ)")
+        adopted = True
     stage1.seed_trials(study, menus, exact, memory)  # a study made by an older muonprof may lack them
     if implicit:
         target_alignment = base.quality
@@ -199,7 +201,7 @@ def tune_stage1(
             f"the default's descent share {base.quality:.4f} is out of reach within the memory budget: "
             f"took the most aligned profile within it ({choice.quality:.4f})"
         )
-    return Stage1Result(menus, base, choice, front, evaluated, name, ran, notes, state_budget, bench)
+    return Stage1Result(menus, base, choice, front, evaluated, name, ran, notes, state_budget, bench, adopted)
 
 
 def check_state_budget(
