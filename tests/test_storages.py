@@ -1,8 +1,9 @@
 """``muonprof tune`` workers on real storages: two at once on one study, and a tune killed mid stage 2.
 
 Each case runs the real CLI in subprocesses on gpt2-tiny with the cheapest settings that still run capture,
-bench, stage 1 and stage 2 (``--race-candidates 0``: the race has its own resume tests in test_race.py), then
-reads the studies back: every trial is counted by number and state. The PostgreSQL case needs a server
+bench, stage 1 and stage 2 (``--race-candidates 0``: the race has its own resume tests in test_race.py;
+``--methods svd``: the quickest bench beside the always-timed default), then reads the studies back: every
+trial is counted by number and state. The PostgreSQL case needs a server
 (``MUONPROF_TEST_POSTGRES_URL``, which ``.ci/run`` sets from ``.ci/start-postgres``) and skips without one.
 """
 
@@ -27,9 +28,9 @@ from muonprof.tune.study import open_storage
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES = os.environ.get("MUONPROF_TEST_POSTGRES_URL")
 TRIALS, LR_TRIALS = 16, 3
-TINY = ["gpt2-tiny", "--trials", str(TRIALS), "--lr-trials", str(LR_TRIALS), "--race-candidates", "0",
-        "--capture-steps", "2", "--warmup-steps", "0", "--captures", "1", "--window", "0", "--batch-size", "2",
-        "--seq-len", "16", "--methods", "newton_schulz", "--device", "cpu", "--json"]  # fmt: skip
+TINY = ["gpt2-tiny", "--trials", str(TRIALS), "--lr-trials", str(LR_TRIALS), "--lr-steps", "6",
+        "--race-candidates", "0", "--capture-steps", "2", "--warmup-steps", "0", "--captures", "1", "--window", "0",
+        "--batch-size", "2", "--seq-len", "16", "--methods", "svd", "--device", "cpu", "--json"]  # fmt: skip
 VOLATILE = ("created", "command", "host")  # provenance fields that name the run, not the result
 
 
@@ -51,8 +52,14 @@ def finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str,
     return proc.returncode, out, err
 
 
+_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+
+
 def load(storage: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(storage))
+    """The study, through one storage object per URL (polling must not build an engine each time)."""
+    if storage not in _STORAGES:
+        _STORAGES[storage] = open_storage(storage)
+    return optuna.load_study(study_name=name, storage=_STORAGES[storage])
 
 
 def states(study: optuna.Study) -> dict[str, int]:
@@ -127,7 +134,7 @@ def wait_for(storage: str, name: str, ready: Any, proc: subprocess.Popen[str], t
                 return
         except KeyError:  # the study does not exist yet
             pass
-        time.sleep(0.05)
+        time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"{name} never reached the state waited for")
 
@@ -138,7 +145,7 @@ def test_interrupted_stage2_resumes_and_keeps_its_default_trial(tmp_path: Path, 
     the same command again reuses the spectra and bench, keeps every finished trial, and runs the default."""
     out = tmp_path / "p.json"
     storage = f"sqlite:///{tmp_path / 'p.optuna.db'}"
-    args = tune(out, "--study-name", "k", "--lr-steps", "40")
+    args = tune(out, "--study-name", "k", "--lr-steps", "16")  # (the last --lr-steps counts)
     proc = start(args)
 
     def running_default(trials: list[optuna.trial.FrozenTrial]) -> bool:
