@@ -261,6 +261,8 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
     if s1.adopted_bench and s1.bench is not None:
         ui.stage(f"3/5 orthogonalizers: using the bench study {s1.study_name} was made with (these timings differ)")
         bench = s1.bench  # its costs go into the profile: every worker writes the same one
+        if "bench" in artifacts:  # and the file beside it, so that the next run starts from the same
+            save_bench(bench, bench_path)
 
     s2 = None
     lr = LrChoice()
@@ -286,7 +288,7 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
                 seed=request.seed,
                 pruner=request.pruner,
                 on_trial=lambda study, trial: update(min(len(finished_trials(study)), request.lr_trials)),
-                key=search_inputs,
+                key=_data_inputs(request, inputs),  # stage 2 trains from scratch: the capture plays no part
             )
             update(request.lr_trials)  # trials stored by an earlier run or another worker count too
         lr = s2.choice
@@ -443,8 +445,7 @@ def _source(request: TuneRequest) -> tuple[Spectra | None, str, dict[str, Any]]:
 def _search_inputs(request: TuneRequest, spectra: Spectra | None, inputs: dict[str, Any]) -> dict[str, Any]:
     """What the spectra (and so every stage) are made from, by option name: the studies' keys and the capture
     digest. A spectra file given as SOURCE stands for its capture options (its own digest, or its metadata)."""
-    data = {"--set": inputs["overrides"], "--data": inputs["data"], "--seq-len": inputs["seq_len"],
-            "--batch-size": request.batch_size, "--seed": request.seed, "device": request.device.type}  # fmt: skip
+    data = _data_inputs(request, inputs)
     if spectra is not None:
         made_of = {k: v for k, v in spectra.meta.items() if k not in _VOLATILE_META}
         return {**data, "spectra file": spectra.meta.get("tune_inputs") or _digest(made_of)}
@@ -455,6 +456,12 @@ def _search_inputs(request: TuneRequest, spectra: Spectra | None, inputs: dict[s
         "--captures": request.captures,
         "--window": request.window,
     }
+
+
+def _data_inputs(request: TuneRequest, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The options behind every training run (capture, stage 2, race): model overrides, data, batches, seed."""
+    return {"--set": inputs["overrides"], "--data": inputs["data"], "--seq-len": inputs["seq_len"],
+            "--batch-size": request.batch_size, "--seed": request.seed, "device": request.device.type}  # fmt: skip
 
 
 def _reusable(path: Path, key: str, load: Callable[[Path], Any]) -> Any:

@@ -309,6 +309,9 @@ def run_until(
     evaluated, so two workers together run exactly ``total``. An exception in the objective (Ctrl-C included)
     marks its trial FAIL and propagates: the next run does that trial again."""
     ran = 0
+    if any(t.state == TrialState.RUNNING and not is_stale(t) for t in study.get_trials(deepcopy=False)):
+        # Another worker is at it: draw other parameters than its sampler, seeded alike, is drawing.
+        study.sampler.reseed_rng()
     while True:
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.RUNNING and is_stale(t) for t in trials):
