@@ -198,3 +198,54 @@ def test_a_changed_option_is_named_when_the_study_is_refused(tmp_path: Path) -> 
     assert "--batch-size 2 (now 4)" in message and "--seed" not in message and "\n" not in message
     with pytest.raises(TuneError, match=r"fingerprint f \(now g\)"):
         open_study(storage, "s", fingerprint="g", model="m", stage="lr", key=key, direction="minimize")
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs() -> tuple[Any, Any]:
+    """gpt2-tiny spectra and a small bench of them (the quick grid the CLI cases use)."""
+    import torch
+
+    from muonprof.bench import parse_grid, run_bench
+    from muonprof.capture import capture_spectra
+    from muonprof.workload import build_workload
+
+    spectra = capture_spectra(build_workload("gpt2-tiny", batch_size=2, seq_len=16, seed=0), steps=2, every=1)
+    bench = run_bench(spectra, device=torch.device("cpu"), grid=parse_grid(methods="svd"), seeds=1, probe=False,
+                      timing={"min_repeats": 1, "max_repeats": 2, "target_s": 0.0})  # fmt: skip
+    return spectra, bench
+
+
+def slower(bench: Any, factor: float) -> Any:
+    """The same bench measured again on a busier machine: every time scaled, nothing else changed."""
+    from muonprof.bench import BenchResult
+
+    data = bench.to_json()
+    for cost in data["costs"]:
+        for field in ("per_layer_s", "bucket_s"):
+            if cost.get(field) is not None:
+                cost[field] *= factor
+        cost["time_s"] = {k: v * factor if k.endswith("_s") else v for k, v in cost["time_s"].items()}
+    return BenchResult.from_json(data)
+
+
+def test_a_second_bench_joins_the_study_with_the_first_ones_menus(tmp_path: Path, tiny_inputs: Any) -> None:
+    """Timings are noise: a worker (or a re-run) with its own bench uses the one the study was made with; a
+    bench of another grid defines another search and is refused, saying so."""
+    from muonprof.bench import BenchResult
+    from muonprof.tune import TuneError, tune_stage1
+    from muonprof.tune.space import BASELINE_LABEL
+
+    spectra, bench = tiny_inputs
+    kwargs = {"storage": f"sqlite:///{tmp_path / 's.db'}", "study_name": "b", "model": "gpt2-tiny", "trials": 6,
+              "fingerprint": spectra.meta["fingerprint"], "seed": 0, "target_alignment": None,
+              "time_budget_s": None}  # fmt: skip
+    first = tune_stage1(bench, spectra, **kwargs)
+    second = tune_stage1(slower(bench, 1.7), spectra, **kwargs)
+    assert not first.adopted_bench and second.adopted_bench
+    assert second.baseline.time_s == pytest.approx(first.baseline.time_s)
+    assert second.choice.picks == first.choice.picks and second.trials_run == 0
+    data = bench.to_json()
+    dropped = next(c["label"] for c in data["costs"] if c["label"] != BASELINE_LABEL)
+    data["costs"] = [c for c in data["costs"] if c["label"] != dropped]  # a bench of a smaller grid
+    with pytest.raises(TuneError, match=f"bench candidates: {dropped} removed"):
+        tune_stage1(BenchResult.from_json(data), spectra, **kwargs)

@@ -167,7 +167,7 @@ def tune_stage1(
         key={
             **(key or {}),
             "--min-layer-alignment": floor,
-            "bench candidates": sorted(c.label for c in bench.costs),
+            "bench candidates": sorted({c.label for c in bench.costs}),
             "bench layers": sorted(str(layer["name"]) for layer in bench.layers),
         },
         directions=["minimize", "maximize", "minimize"] if memory else ["minimize", "maximize"],

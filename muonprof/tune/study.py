@@ -205,18 +205,23 @@ def _wait_ready(study: optuna.Study, name: str, storage: str) -> dict[str, Any]:
 def key_changes(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     """``"--seed 0 (now 1)"`` for each component of a study key that differs, in the key's order."""
     names = list(stored) + [k for k in wanted if k not in stored]
-    return [
-        f"{name} {_short(stored.get(name))} (now {_short(wanted.get(name))})"
-        for name in names
-        if stored.get(name) != wanted.get(name)
-    ]
+    return [_change(name, stored.get(name), wanted.get(name)) for name in names if stored.get(name) != wanted.get(name)]
+
+
+def _change(name: str, was: Any, now: Any) -> str:
+    """One changed key component; for two lists (a grid's candidates, layers) what was added and removed."""
+    if isinstance(was, list) and isinstance(now, list):
+        added = [str(v) for v in now if v not in was]
+        removed = [str(v) for v in was if v not in now]
+        pairs = ((added, "added"), (removed, "removed"))
+        parts = [f"{_short(', '.join(items))} {what}" for items, what in pairs if items]
+        return f"{name}: {'; '.join(parts) or 'reordered'}"
+    return f"{name} {_short(was)} (now {_short(now)})"
 
 
 def _short(value: Any, limit: int = 60) -> str:
     if value is None:
         return "unset"
-    if isinstance(value, list) and len(json.dumps(value)) > limit:
-        return f"[{len(value)} items, {json.dumps(value[0], default=str)[:24]}, ...]" if value else "[]"
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
