@@ -181,6 +181,9 @@ def test_interrupted_stage2_resumes_and_keeps_its_default_trial(tmp_path: Path, 
     assert all(resumed[n].state == TrialState.COMPLETE and resumed[n].value == v for n, v in kept.items())
     assert all(resumed[t.number].state == TrialState.FAIL for t in lost if t.state == TrialState.RUNNING)
     assert out.is_file()
+    if how == "sigint":  # the same study with another search option: refused, naming the option
+        rc, _, err = finish(start([*args, "--min-layer-alignment", "0.4"]))
+        assert rc == 2 and "--min-layer-alignment 0.5 (now 0.4)" in err and "Traceback" not in err, err[-2000:]
 
 
 def test_a_changed_option_is_named_when_the_study_is_refused(tmp_path: Path) -> None:
