@@ -15,8 +15,19 @@ __all__ = [
     "Profile",
     "ProfileError",
     "ProfiledMuon",
+    "SpectrumRecorder",
     "__version__",
     "load_profile",
     "orthogonalize",
     "save_profile",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``SpectrumRecorder`` on first use: it pulls in the capture code, which a training script that only
+    optimizes never needs."""
+    if name == "SpectrumRecorder":
+        from .capture.recorder import SpectrumRecorder
+
+        return SpectrumRecorder
+    raise AttributeError(f"module 'muonprof' has no attribute {name!r}")

@@ -63,14 +63,14 @@ def profile_check(
         rows: list[dict[str, Any]] = []
         if model is not None:
             from .models import ModelSpecError, load_model
-            from .optim.routing import route_module
+            from .optim.routing import fan_layouts, route_module
 
             try:
                 module = load_model(model)
             except ModelSpecError as err:
                 fail(str(err), 2)
             shapes = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
-            plans = resolve_layers(profile, shapes, route_module(module))
+            plans = resolve_layers(profile, shapes, route_module(module), layouts=fan_layouts(module))
             result["model"] = {"spec": model, "fingerprint": fingerprint(shapes.items())}
             rows = [
                 {

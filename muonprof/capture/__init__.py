@@ -1,6 +1,7 @@
 """Capture: train for real, record per-layer gradient and momentum spectra, and store them as an artifact."""
 
 from .artifact import FORMAT, KINDS, CaptureRecord, LayerRecord, Spectra, SpectraError, load_spectra, save_spectra
+from .recorder import SpectrumRecorder
 from .run import (
     DEFAULT_WARMUP_STEPS,
     CaptureError,
@@ -27,6 +28,7 @@ __all__ = [
     "LayerRecord",
     "Spectra",
     "SpectraError",
+    "SpectrumRecorder",
     "capture_spectra",
     "capture_steps",
     "check_window",

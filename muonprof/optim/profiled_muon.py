@@ -50,7 +50,8 @@ from ..profile import LayerPlan, Profile, load_profile, resolve_layers
 from . import distributed as dist_split
 from . import functional as F
 from .lowrank_momentum import compress, expand, polar_of_factors
-from .routing import route_module, route_named_parameters
+from .routing import fan_layouts, route_module, route_named_parameters
+from .usage import example_runner, trace_parameter_use
 
 ProfileSource = Profile | str | os.PathLike[str] | dict[str, Any] | None
 
@@ -95,6 +96,10 @@ class ProfiledMuon(torch.optim.Optimizer):
             so a resumed run draws the same sketches as an uninterrupted one.
         batch: orthogonalize same-shape layers in one batched call. None (default): on accelerators
             yes, on CPU no (CPU BLAS gains nothing from it and the stacking copies cost ~10%).
+        example_inputs: a batch for one forward pass (``model(*inputs)`` for a tuple, ``model(**inputs)`` for a
+            dict, else ``model(inputs)``), run once under ``no_grad`` in eval mode: routing then follows what the
+            model does (``usage``): the layers the input meets first and the outputs come from last go to AdamW,
+            and so do parameters it adds, concatenates or indexes, whatever their names or registration order.
         adamw_impl: ``"fused"`` or ``"foreach"``: which of torch's AdamW kernels the AdamW group runs
             (``functional.adamw``; the result equals ``torch.optim.AdamW(fused=True)`` or ``(foreach=True)``).
             None (default): fused wherever torch has the kernel for the device and dtype, else foreach.
@@ -118,14 +123,15 @@ class ProfiledMuon(torch.optim.Optimizer):
         seed: int = 0,
         batch: bool | None = None,
         adamw_impl: F.AdamWImpl | None = None,
+        example_inputs: Any = None,
         distributed: bool | None = None,
         process_group: Any = None,
     ) -> None:
         _check_hparams(lr, momentum, weight_decay, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
-        named, routes = _named_and_routes(model_or_named_params)
+        named, routes, layouts = _named_and_routes(model_or_named_params, example_inputs)
         self.profile: Profile | None = load_profile(profile) if profile is not None else None
         shapes = {name: tuple(p.shape) for name, p in named}
-        self.plans: dict[str, LayerPlan] = resolve_layers(self.profile, shapes, routes, strict=strict)
+        self.plans: dict[str, LayerPlan] = resolve_layers(self.profile, shapes, routes, strict=strict, layouts=layouts)
         self._plan_of: dict[int, LayerPlan] = {id(p): self.plans[name] for name, p in named}
         self._index_of: dict[int, int] = {id(p): i for i, (_, p) in enumerate(named)}
         self.skip_nonfinite = skip_nonfinite
@@ -625,6 +631,7 @@ class ProfiledMuon(torch.optim.Optimizer):
                 "ortho": plan.ortho.label() if plan.ortho else None,
                 "lr_rule": plan.lr_rule if plan.optimizer == "muon" else None,
                 "lr_factor": plan.lr_factor,
+                "layout": plan.layout if plan.optimizer == "muon" else None,
                 "momentum": plan.momentum_label if plan.optimizer == "muon" else None,
                 "owner_rank": self.owners.get(plan.name),
             }
@@ -633,12 +640,21 @@ class ProfiledMuon(torch.optim.Optimizer):
 
 
 def _named_and_routes(
-    source: nn.Module | Iterable[tuple[str, Tensor]],
-) -> tuple[list[tuple[str, Tensor]], dict[str, tuple[str, str]]]:
+    source: nn.Module | Iterable[tuple[str, Tensor]], example_inputs: Any = None
+) -> tuple[list[tuple[str, Tensor]], dict[str, tuple[str, str]], dict[str, str]]:
+    """The trainable (name, parameter) pairs, their routes and (for a module) the transposed weights' layouts.
+    With ``example_inputs`` a module is routed from one traced forward pass (``usage``)."""
+    layouts: dict[str, str] = {}
     if isinstance(source, nn.Module):
         named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
-        routes = route_module(source)
+        use = None
+        if example_inputs is not None:
+            use = trace_parameter_use(source, example_runner(source, example_inputs))
+        routes = route_module(source, use)
+        layouts = fan_layouts(source)
     else:
+        if example_inputs is not None:
+            raise ValueError("example_inputs needs the model itself (an nn.Module), not (name, parameter) pairs")
         try:
             named = [(str(n), p) for n, p in source]  # type: ignore[misc]
         except (TypeError, ValueError):
@@ -654,7 +670,7 @@ def _named_and_routes(
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise ValueError("ProfiledMuon got duplicate parameter names")
-    return named, routes
+    return named, routes, layouts
 
 
 def _check_hparams(

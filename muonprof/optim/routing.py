@@ -10,18 +10,31 @@ tree: weight tying, the vocabulary size, conventional names, and finally "the la
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from .usage import ParameterUse
+
 POSITION_NAME = re.compile(r"(^|[._])(pos|position|positions|wpe|cls)([._]|$)")
 HEAD_NAME = re.compile(r"(^|\.)(lm_head|head|heads|classifier|output|out_proj_vocab|fc_out|logits|score)$")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+IN_OUT = "in_out"  # a weight stored as (fan_in, fan_out), the transpose of nn.Linear's (fan_out, fan_in)
+# A (1, n) or (n, 1) "matrix" (timm's cls/reg/dist tokens (1, k, D), a latent query (1, L, D), a scalar-output
+# head (1, D)): its polar factor is g / ||g||, so Muon would only normalize it; AdamW treats it per entry.
+ONE_WIDE = "token / 1-wide (orthogonalizing would only normalize it)"
+LAYOUT_ATTRIBUTE = "muonprof_weight_layout"  # a module may declare its weight's layout: "in_out" or "out_in"
 
 
-def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """``{parameter name: ("muon" | "adamw", reason)}`` for every trainable parameter of ``model``."""
+def route_module(model: nn.Module, usage: Mapping[str, ParameterUse] | None = None) -> dict[str, tuple[str, str]]:
+    """``{parameter name: ("muon" | "adamw", reason)}`` for every trainable parameter of ``model``.
+
+    ``usage`` (``usage.trace_parameter_use``: one forward pass) replaces the guesses from the module tree for the
+    matrices the pass used: what it indexed, added or concatenated is a table; the matrix ops that took the input
+    first and those that produced the output are the input and output layers, whatever their names and order
+    of registration. Without it (or for parameters the pass did not use) the module tree decides.
+    """
     routes: dict[str, tuple[str, str]] = {}
     embedding_params: set[int] = set()
     vocab_sizes: set[int] = set()
@@ -49,8 +62,12 @@ def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
             routes[full] = ("adamw", "embedding")
         elif p.ndim < 2:
             routes[full] = ("adamw", "vector (gain/bias)")
+        elif _one_wide(p):
+            routes[full] = ("adamw", ONE_WIDE)
         elif not isinstance(module, (nn.Linear, *_CONV)) and POSITION_NAME.search(full):
             routes[full] = ("adamw", "embedding")  # a raw position table or class token
+        elif usage is not None and full in usage and id(p) not in embedding_params:
+            routes[full] = _route_from_use(usage[full], isinstance(module, _CONV))
         elif isinstance(module, nn.Linear) and pname == "weight" and id(module) in heads:
             routes[full] = ("adamw", heads[id(module)])
         elif isinstance(module, _CONV) and module is first_conv and pname == "weight":
@@ -60,6 +77,21 @@ def route_module(model: nn.Module) -> dict[str, tuple[str, str]]:
         else:
             routes[full] = ("muon", "hidden matrix")
     return routes
+
+
+TRACED_TABLE = "table / token (the forward pass adds, concatenates or indexes it)"
+TRACED_INPUT = "input layer (the first matrix the input meets in the forward pass)"
+TRACED_OUTPUT = "output layer (its result reaches the output with no matrix in between)"
+
+
+def _route_from_use(use: ParameterUse, conv: bool) -> tuple[str, str]:
+    if use.table:
+        return ("adamw", TRACED_TABLE)
+    if use.output_layer:
+        return ("adamw", TRACED_OUTPUT)
+    if use.input_layer:
+        return ("adamw", TRACED_INPUT)
+    return ("muon", "conv (flattened)" if conv else "hidden matrix")
 
 
 def _find_heads(
@@ -84,9 +116,41 @@ def _find_heads(
 
 
 def route_named_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, tuple[str, str]]:
-    """Without a module tree: matrices (>= 2-D) to Muon, the rest to AdamW."""
-    return {
-        name: ("muon", "matrix") if p.ndim >= 2 else ("adamw", "vector (gain/bias)")
-        for name, p in named
-        if p.requires_grad
-    }
+    """Without a module tree: matrices (>= 2-D, both sides > 1) to Muon, the rest to AdamW."""
+    routes: dict[str, tuple[str, str]] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2:
+            routes[name] = ("adamw", "vector (gain/bias)")
+        elif _one_wide(p):
+            routes[name] = ("adamw", ONE_WIDE)
+        else:
+            routes[name] = ("muon", "matrix")
+    return routes
+
+
+def _one_wide(p: torch.Tensor) -> bool:
+    """Whether the matrix Muon would see, (shape[0], prod(shape[1:])), has a side of 1."""
+    return p.ndim >= 2 and (p.shape[0] == 1 or p[0].numel() == 1)
+
+
+def fan_layouts(model: nn.Module) -> dict[str, str]:
+    """``{weight name: "in_out"}`` for the weights stored transposed to ``nn.Linear``'s (fan_out, fan_in).
+
+    Muon's update is the same either way (the polar factor of a transpose is the transpose), but the shape
+    rules of the learning rate are not: ``sqrt(max(1, out/in))`` read off a stored (in, out) matrix gives GPT-2's
+    ``c_fc`` (768 -> 3072) a factor 1 instead of 2. Recognized: Hugging Face's ``Conv1D`` (GPT-2, GPT-Neo's
+    relatives: ``weight`` of shape (nx, nf) with ``nf`` the output width) and any module that sets
+    ``muonprof_weight_layout = "in_out"``.
+    """
+    layouts: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            continue
+        declared = getattr(module, LAYOUT_ATTRIBUTE, None)
+        hf_conv1d = type(module).__name__ == "Conv1D" and getattr(module, "nf", None) == weight.shape[1]
+        if declared == IN_OUT or (declared is None and hf_conv1d):
+            layouts[f"{module_name}.weight" if module_name else "weight"] = IN_OUT
+    return layouts

@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from ..lr_rules import matrix_shape
 from ..profile import LayerPlan
@@ -80,35 +81,27 @@ def plans_state_bytes(plans: Iterable[LayerPlan], dtype: torch.dtype = torch.flo
 
 
 def parse_bytes(text: str) -> int:
-    """``"512MB"``, ``"1.5GiB"``, ``"2e9"`` or ``"750k"`` as a byte count (decimal k/M/G, binary Ki/Mi/Gi)."""
-    units = {
-        "": 1,
-        "b": 1,
-        "k": 10**3,
-        "kb": 10**3,
-        "m": 10**6,
-        "mb": 10**6,
-        "g": 10**9,
-        "gb": 10**9,
-        "t": 10**12,
-        "tb": 10**12,
-        "kib": 2**10,
-        "mib": 2**20,
-        "gib": 2**30,
-        "tib": 2**40,
-    }
-    raw = text.strip().lower().replace(" ", "")
-    number = raw.rstrip("kmgtib")
-    unit = raw[len(number) :]
+    """``"512MB"``, ``"1.5GiB"``, ``"2e9"`` or ``"750k"`` as a byte count (decimal k/M/G, binary Ki/Mi/Gi).
+
+    Sizes with a unit are pydantic's ``ByteSize`` (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB, ...); a bare number (also
+    in exponent form) is bytes, and a bare k/M/G/T prefix means kB/MB/GB/TB, as before ByteSize parsed them.
+    """
+    raw = text.strip().replace(" ", "")
+    if raw.startswith("-"):
+        raise ValueError(f"a size must be a positive number of bytes, got {text!r}")
     try:
-        value = float(number)
+        value = float(raw)
     except ValueError:
-        raise ValueError(f"not a size: {text!r} (examples: 512MB, 1.5GiB, 2e9)") from None
-    if unit not in units:
-        raise ValueError(f"unknown unit {unit!r} in {text!r} (use B, kB, MB, GB, KiB, MiB, GiB)")
+        sized = raw + "B" if raw[-1:].lower() in ("k", "m", "g", "t") else raw
+        try:
+            value = float(TypeAdapter(ByteSize).validate_python(sized))
+        except ValidationError:
+            raise ValueError(
+                f"not a size: {text!r} (examples: 512MB, 1.5GiB, 2e9; units B, kB, MB, GB, KiB, MiB, GiB)"
+            ) from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"a size must be a positive number of bytes, got {text!r}")
-    return int(value * units[unit])
+    return int(value)
 
 
 def format_bytes(count: float) -> str:

@@ -35,6 +35,7 @@ class LayerPlan:
     lr_scale: float = 1.0
     momentum: str = "ema"  # "ema" | "storm"
     momentum_rank: int | None = None  # low-rank momentum factors (LiMuon); None keeps the full buffer
+    layout: str = "out_in"  # "in_out": stored as (fan_in, fan_out), e.g. Hugging Face's Conv1D (``fan_shape``)
 
     @property
     def momentum_label(self) -> str:
@@ -51,11 +52,18 @@ class LayerPlan:
         return matrix_shape(self.shape)
 
     @property
+    def fan_shape(self) -> tuple[int, int]:
+        """(fan_out, fan_in) as the layer uses the matrix: ``matrix_shape``, transposed for an ``in_out`` weight.
+        The shape rules of the lr read this; the update itself is computed on the stored matrix."""
+        rows, cols = self.matrix_shape
+        return (cols, rows) if self.layout == "in_out" else (rows, cols)
+
+    @property
     def lr_factor(self) -> float:
-        """lr_rule(shape) x lr_scale: the layer's step size is base lr times this."""
+        """lr_rule(fan shape) x lr_scale: the layer's step size is base lr times this."""
         if self.optimizer != "muon":
             return self.lr_scale
-        return lr_rule_factor(self.lr_rule, *self.matrix_shape) * self.lr_scale
+        return lr_rule_factor(self.lr_rule, *self.fan_shape) * self.lr_scale
 
 
 def _apply_block(settings: dict[str, Any], block: LayerSettings) -> None:
@@ -72,14 +80,16 @@ def resolve_layers(
     routes: Mapping[str, tuple[str, str]],
     *,
     strict: bool = True,
+    layouts: Mapping[str, str] | None = None,
 ) -> dict[str, LayerPlan]:
     """One ``LayerPlan`` per parameter name in ``shapes``.
 
     ``routes`` gives the automatic choice per parameter (``("muon" | "adamw", reason)``). With
     ``strict=False`` layers the profile cannot be applied to (unknown name, wrong shape, another
     model's fingerprint) fall back to defaults with one warning that lists them; every other problem
-    is an error either way.
+    is an error either way. ``layouts`` names the weights stored as (fan_in, fan_out) (``routing.fan_layouts``).
     """
+    layouts = layouts or {}
     errors: list[str] = []
     skipped: list[str] = []
     layers = dict(profile.layers) if profile else {}
@@ -140,7 +150,16 @@ def resolve_layers(
         try:
             ortho = OrthoConfig.from_dict({k: v for k, v in settings.items() if k in ORTHO_KEYS})
             plan = LayerPlan(
-                name, "muon", reason, tuple(shape), ortho, lr_rule, lr_scale, momentum, momentum_rank
+                name,
+                "muon",
+                reason,
+                tuple(shape),
+                ortho,
+                lr_rule,
+                lr_scale,
+                momentum,
+                momentum_rank,
+                layouts.get(name, "out_in"),
             )
             ortho.check_shape(plan.matrix_shape)
             _check_momentum(plan, entry)

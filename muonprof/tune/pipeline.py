@@ -39,6 +39,7 @@ from ..capture import (
     load_spectra,
     save_spectra,
 )
+from ..models.registry import BUILTINS
 from ..profile import Profile, save_profile
 from ..profile import fingerprint as fingerprint_of
 from ..workload import Workload, build_workload
@@ -436,6 +437,13 @@ def _source(request: TuneRequest) -> tuple[Spectra | None, str, dict[str, Any]]:
         return None, request.source, inputs
     spectra = load_spectra(path)
     meta = spectra.meta.get("model", {})
+    spec = str(meta.get("spec"))
+    if meta.get("source") == "in-loop recorder" and ":" not in spec and spec not in BUILTINS:
+        raise TuneError(
+            f"{path} was recorded in a training loop (model {spec!r}), and tune trains the model it tunes: record "
+            "with SpectrumRecorder(..., name='package.module:factory'), a factory returning the model, its batches "
+            f"and loss, or price the orthogonalizers alone with: muonprof bench {path}"
+        )
     inputs["overrides"] = inputs["overrides"] or dict(meta.get("overrides") or {})
     inputs["data"] = request.data if request.data is not None else meta.get("data_option")
     inputs["seq_len"] = request.seq_len if request.seq_len is not None else meta.get("seq_len")
