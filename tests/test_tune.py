@@ -207,7 +207,7 @@ def test_two_workers_share_one_journal_storage(files: dict[str, Path], tmp_path:
 
     study = optuna.load_study(study_name="w-ortho", storage=JournalStorage(JournalFileBackend(str(journal))))
     finished = [t for t in study.trials if t.state.is_finished() and "seed" not in t.user_attrs]
-    assert 30 <= len(finished) <= 32  # two workers may each start one trial as the budget is reached
+    assert len(finished) == 30  # the budget counts running trials too: no overshoot
     assert sum(int(o.strip().splitlines()[-1]) for o in outputs) >= 30 - 16  # both contributed to the budget
 
 

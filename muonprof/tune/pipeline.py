@@ -51,6 +51,7 @@ from .study import default_storage, finished_trials
 from .writer import build_profile, state_summary
 
 Update = Callable[..., None]  # update(completed, total=None)
+_VOLATILE_META = frozenset({"created", "timings", "command", "versions"})  # a spectra file's, not its inputs
 
 
 class Reporter(Protocol):
@@ -182,17 +183,8 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
     artifacts: dict[str, str] = {}
     notes: list[str] = []
 
-    capture_key = _digest(
-        {
-            "model": model,
-            "fingerprint": fingerprint,
-            **inputs,
-            "batch_size": request.batch_size,
-            "seed": request.seed,
-            "steps": request.capture_steps,
-            "device": request.device.type,
-        }
-    )
+    search_inputs = _search_inputs(request, spectra, inputs)
+    capture_key = _digest({"model": model, "fingerprint": fingerprint, **search_inputs})
     spectra_path = out.with_name(out.stem + ".spectra.pt")
     bench_path = out.with_name(out.stem + ".bench.json")
     if spectra is None and bench is None:
@@ -262,10 +254,16 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
             time_budget_s=request.time_budget_s,
             floor=request.floor,
             state_budget=request.state_budget,
-            on_trial=lambda study, trial: update(len(finished_trials(study, searched_only=True))),
+            on_trial=lambda study, trial: update(min(len(finished_trials(study, searched_only=True)), request.trials)),
+            key=search_inputs,
         )
         update(request.trials)
     notes.extend(s1.notes)
+    if s1.adopted_bench and s1.bench is not None:
+        ui.stage(f"3/5 orthogonalizers: using the bench study {s1.study_name} was made with (these timings differ)")
+        bench = s1.bench  # its costs go into the profile: every worker writes the same one
+        if "bench" in artifacts:  # and the file beside it, so that the next run starts from the same
+            save_bench(bench, bench_path)
 
     s2 = None
     lr = LrChoice()
@@ -290,7 +288,8 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
                 eval_every=every,
                 seed=request.seed,
                 pruner=request.pruner,
-                on_trial=lambda study, trial: update(len(finished_trials(study))),
+                on_trial=lambda study, trial: update(min(len(finished_trials(study)), request.lr_trials)),
+                key=_data_inputs(request, inputs),  # stage 2 trains from scratch: the capture plays no part
             )
             update(request.lr_trials)  # trials stored by an earlier run or another worker count too
         lr = s2.choice
@@ -449,6 +448,28 @@ def _source(request: TuneRequest) -> tuple[Spectra | None, str, dict[str, Any]]:
     inputs["data"] = request.data if request.data is not None else meta.get("data_option")
     inputs["seq_len"] = request.seq_len if request.seq_len is not None else meta.get("seq_len")
     return spectra, str(meta.get("spec")), inputs
+
+
+def _search_inputs(request: TuneRequest, spectra: Spectra | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    """What the spectra (and so every stage) are made from, by option name: the studies' keys and the capture
+    digest. A spectra file given as SOURCE stands for its capture options (its own digest, or its metadata)."""
+    data = _data_inputs(request, inputs)
+    if spectra is not None:
+        made_of = {k: v for k, v in spectra.meta.items() if k not in _VOLATILE_META}
+        return {**data, "spectra file": spectra.meta.get("tune_inputs") or _digest(made_of)}
+    return {
+        **data,
+        "--capture-steps": request.capture_steps,
+        "--warmup-steps": request.warmup_steps,
+        "--captures": request.captures,
+        "--window": request.window,
+    }
+
+
+def _data_inputs(request: TuneRequest, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The options behind every training run (capture, stage 2, race): model overrides, data, batches, seed."""
+    return {"--set": inputs["overrides"], "--data": inputs["data"], "--seq-len": inputs["seq_len"],
+            "--batch-size": request.batch_size, "--seed": request.seed, "device": request.device.type}  # fmt: skip
 
 
 def _reusable(path: Path, key: str, load: Callable[[Path], Any]) -> Any:

@@ -39,8 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +57,7 @@ from ..workload import Workload
 from .space import BASELINE_LABEL, LayerMenu, TuneError
 from .stage1 import Assignment
 from .stage2 import DEFAULT_LR, LrChoice
-from .study import open_study
+from .study import claim, fail_stale, open_study
 
 UPDATE_FACTOR_RANGE = (0.1, 10.0)  # matched-update-size lr factors are clipped to this (degenerate spectra)
 
@@ -618,22 +616,14 @@ class _Jobs:
 
     def _running_elsewhere(self, job: str) -> bool:
         """A RUNNING trial for this job by another live process (on this host: its pid is alive)."""
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            attrs = t.user_attrs
-            if attrs.get("job") != job:
-                continue
-            if attrs.get("host") == socket.gethostname():
-                pid = int(attrs.get("pid", -1))
-                if pid == os.getpid() or not _alive(pid):
-                    self.study.tell(t.number, state=TrialState.FAIL)  # stale: its process is gone
-                    continue
-            return True
-        return False
+        fail_stale(self.study)  # runs whose process is gone are done again
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return any(t.user_attrs.get("job") == job for t in running)
 
     def _run(self, contender: Contender, seed: int, horizon: int, job: str) -> JobResult:
         trial = self.study.ask()
-        attrs = {"job": job, "contender": contender.name, "seed": seed, "horizon": horizon,
-                 "host": socket.gethostname(), "pid": os.getpid()}  # fmt: skip
+        claim(trial)
+        attrs = {"job": job, "contender": contender.name, "seed": seed, "horizon": horizon}
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         self.notify(RaceEvent("start", contender.name, seed, horizon, done=self.done))
@@ -663,18 +653,6 @@ def train_contender(
     optimizer = ProfiledMuon(workload.model, contender.profile, lr=DEFAULT_LR, adamw_lr=adamw_lr, seed=seed)
     run = train(workload, optimizer, steps=horizon, eval_every=eval_every)
     return JobResult(run.evals, run.diverged_at, run.median_optimizer_step_s, run.median_step_s, run.total_wall_s)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _default_timer(workload: Workload, profiles: Mapping[str, Any], *, rounds: int, adamw_lr: float) -> dict[str, Any]:

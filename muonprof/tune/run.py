@@ -7,6 +7,7 @@ everything they decide lives in the Optuna storage, and neither writes a file.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ from ..optim.state_memory import format_bytes
 from ..workload import Workload
 from . import stage1, stage2
 from .space import LayerMenu, TuneError, build_menus
-from .study import finished_trials, open_study, run_until
+from .study import ensure_enqueued, finished_trials, get_blob, open_study, put_blob, run_until
 
 TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+DEFAULT_TRIAL = "default"  # user attribute of stage 2's trial of the default settings
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Stage1Result:
     trials_run: int
     notes: list[str] = field(default_factory=list)
     state_budget: int | None = None  # --state-memory-budget in bytes (None: not given)
+    bench: BenchResult | None = None  # the bench the study decided with (the stored one: see tune_stage1)
+    adopted_bench: bool = False  # True: that is the study's stored bench, not this run's (other timings)
 
 
 @dataclass
@@ -81,11 +85,6 @@ def check_bench_matches(bench: BenchResult, spectra: Spectra | None, fingerprint
             raise TuneError(f"the bench file has layers this model lacks: {', '.join(missing[:3])}")
 
 
-def menus_digest(menus: Sequence[LayerMenu]) -> str:
-    text = "\n".join(f"{m.name}:{','.join(m.labels)}" for m in menus)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def tune_stage1(
     bench: BenchResult,
     spectra: Spectra | None,
@@ -101,6 +100,7 @@ def tune_stage1(
     floor: float = 0.5,
     on_trial: TrialCallback | None = None,
     state_budget: int | None = None,
+    key: Mapping[str, Any] | None = None,
 ) -> Stage1Result:
     """Menus from bench, the exact seeds (baseline, hull, per-layer target), the Optuna Pareto study, the pick.
 
@@ -113,11 +113,17 @@ def tune_stage1(
     the pick is made among the profiles within it. Without a target or time budget the pick is the fastest
     reaching the default's descent share within the budget, or, when none does, the most aligned within it.
     A budget below the least state the candidates allow is a TuneError naming that minimum.
+
+    ``key``: the inputs behind the spectra (data, batch size, capture options...), for the study's key; with
+    the grid and ``floor`` it defines the study (see ``study.open_study``). The study stores the bench it was
+    created with, and a later or second worker whose own bench measured other timings uses the stored one, so
+    all of them search and decide with the same menus (``adopted_bench``) and write the same profile.
     """
     weights = momentum_weights(spectra) if spectra is not None else None
     notes = [] if weights is not None else ["no spectra: layers weighted equally in the descent share"]
     memory = False
     if state_budget is not None:
+        # The default recipe's state depends on the shapes alone, not on any timing: every worker agrees.
         default_state = stage1.baseline(build_menus(bench, weights, floor=floor)).state_bytes
         memory = state_budget < default_state
         if not memory:
@@ -125,36 +131,59 @@ def tune_stage1(
                 f"--state-memory-budget {format_bytes(state_budget)} is not below the default's Muon state "
                 f"{format_bytes(default_state)}: no constraint"
             )
-    menus = build_menus(bench, weights, floor=floor, memory=memory)
-    base = stage1.baseline(menus)
-    if memory:
-        assert state_budget is not None
-        check_state_budget(bench, weights, menus, state_budget, floor)
-    hull = stage1.lagrangian_hull(menus)
     implicit = target_alignment is None and time_budget_s is None
-    # No target and no budget: match the default's descent share, as fast as possible ("never worse").
-    if implicit:
-        target_alignment = base.quality
-        notes.append(f"target: the default's descent share {base.quality:.4f}")
-    target = target_alignment if target_alignment is not None else base.quality
-    exact = [base, *hull, stage1.fastest_per_layer(menus, target)]
-    if memory:
-        assert state_budget is not None
-        exact += stage1.memory_seeds(menus, state_budget, [base, exact[-1]])
 
+    def prepare(bench: BenchResult) -> tuple[list[LayerMenu], stage1.Assignment, list[stage1.Assignment]]:
+        """Menus, the default and the exact seeds from one bench (the study's: see below)."""
+        menus = build_menus(bench, weights, floor=floor, memory=memory)
+        base = stage1.baseline(menus)
+        if memory:
+            assert state_budget is not None
+            check_state_budget(bench, weights, menus, state_budget, floor)
+        target = target_alignment if target_alignment is not None else base.quality
+        exact = [base, *stage1.lagrangian_hull(menus), stage1.fastest_per_layer(menus, target)]
+        if memory:
+            assert state_budget is not None
+            exact += stage1.memory_seeds(menus, state_budget, [base, exact[-1]])
+        return menus, base, exact
+
+    menus, base, exact = prepare(bench)
     # A separate study under a budget: its objectives differ (state is the third), and it serves every budget.
     name = f"{study_name}-ortho" + ("-memory" if memory else "")
     sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(8, trials // 4 or 8)))
+
+    def on_create(study: optuna.Study) -> None:
+        # The bench is measured, so two workers (or a re-bench) get different timings and menus: the study
+        # keeps the one it was created with, and every worker searches and decides with that one.
+        put_blob(study, "bench", bench.to_json())
+        stage1.seed_trials(study, menus, exact, memory)
+
     study = open_study(
         storage,
         name,
         fingerprint=fingerprint,
         model=model,
-        stage=f"ortho{'-memory' if memory else ''}:{menus_digest(menus)}",
+        stage="ortho-memory" if memory else "ortho",
+        key={
+            **(key or {}),
+            "--min-layer-alignment": floor,
+            "bench candidates": sorted({c.label for c in bench.costs}),
+            "bench layers": sorted(str(layer["name"]) for layer in bench.layers),
+        },
         directions=["minimize", "maximize", "minimize"] if memory else ["minimize", "maximize"],
         sampler=sampler,
+        on_create=on_create,
     )
-    stage1.seed_trials(study, menus, exact, memory)
+    stored = get_blob(study, "bench")
+    adopted = False
+    if stored is not None and stored != json.loads(json.dumps(bench.to_json())):
+        bench = BenchResult.from_json(stored, f"the bench stored in study {name}")
+        menus, base, exact = prepare(bench)
+        adopted = True
+    stage1.seed_trials(study, menus, exact, memory)  # a study made by an older muonprof may lack them
+    if implicit:
+        target_alignment = base.quality
+        notes.append(f"target: the default's descent share {base.quality:.4f}")
     ran = run_until(study, stage1.objective(menus, memory), trials, on_trial=on_trial) if trials > 0 else 0
     evaluated = [a for t in finished_trials(study) if (a := stage1.trial_assignment(menus, t)) is not None]
     pool = exact + evaluated
@@ -172,7 +201,7 @@ def tune_stage1(
             f"the default's descent share {base.quality:.4f} is out of reach within the memory budget: "
             f"took the most aligned profile within it ({choice.quality:.4f})"
         )
-    return Stage1Result(menus, base, choice, front, evaluated, name, ran, notes, state_budget)
+    return Stage1Result(menus, base, choice, front, evaluated, name, ran, notes, state_budget, bench, adopted)
 
 
 def check_state_budget(
@@ -213,8 +242,12 @@ def tune_stage2(
     pruner: str = "median",
     on_trial: TrialCallback | None = None,
     on_step: Callable[[int], None] | None = None,
+    key: Mapping[str, Any] | None = None,
 ) -> Stage2Result:
-    """Short real training trials over the LR space (``stage2``); the default settings are trial 0."""
+    """Short real training trials over the LR space (``stage2``); the default settings' trial is queued first
+    (by the worker that creates the study) and again on any later run that finds it lost (see
+    ``study.ensure_enqueued``). ``key``: the inputs that define the runs (data, batch size, ...), for the
+    study's key (see ``study.open_study``)."""
     groups, lowrank = stage2.search_space(menus, picks)
     name = f"{study_name}-lr"
     chosen_pruner: optuna.pruners.BasePruner = (
@@ -223,19 +256,22 @@ def tune_stage2(
         else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=eval_every)
     )
     digest = hashlib.sha256(repr(sorted((k, str(v)) for k, v in picks.items())).encode()).hexdigest()[:12]
+    defaults = stage2.default_params(groups, lowrank)
     study = open_study(
         storage,
         name,
         fingerprint=fingerprint,
         model=model,
         stage=f"lr:{digest}:{steps}",
+        key={**(key or {}), "--lr-steps": steps, "--eval-every": eval_every, "--pruner": pruner, "--seed": seed},
         direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max(2, trials // 3))),
         pruner=chosen_pruner,
+        on_create=lambda study: ensure_enqueued(study, defaults, DEFAULT_TRIAL),
     )
-    if not study.user_attrs.get("stage2_seeded"):
-        study.enqueue_trial(stage2.default_params(groups, lowrank))
-        study.set_user_attr("stage2_seeded", True)
+    # The default settings' trial, again if Ctrl-C (FAIL) or SIGKILL (stale RUNNING) lost it: the result
+    # compares against it, so it is never left out.
+    ensure_enqueued(study, defaults, DEFAULT_TRIAL)
     objective = stage2.make_objective(build, menus, picks, steps=steps, eval_every=eval_every, seed=seed,
                                       on_step=on_step)  # fmt: skip
     ran = run_until(study, objective, trials, on_trial=on_trial)
@@ -243,7 +279,7 @@ def tune_stage2(
     if not done:
         raise TuneError("every learning-rate trial diverged or was pruned; try more --lr-trials or --lr-steps")
     best = min(done, key=lambda t: t.value)
-    default_trials = [t for t in done if t.params == stage2.default_params(groups, lowrank)]
+    default_trials = [t for t in done if t.params == defaults]
     choice = stage2.choice_of(best)
     return Stage2Result(
         choice=choice,
