@@ -39,13 +39,44 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(target.parent)
     return target
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable: without an fsync of the folder a crash can lose the new entry."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. Windows, where folders cannot be opened: the rename is as durable as it gets
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and /proc-like mounts) refuse fsync on folders
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask can only set it, so reading
+    it that way briefly gives every other thread a zero umask); on Linux from /proc/self/status."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def _read_umask_once() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _read_umask_once()  # at import, before any thread of ours runs
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:

@@ -36,3 +36,26 @@ def test_check_writable(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputPathError, match="cannot create folder"):
         check_writable(tmp_path / "file" / "x.json")
+
+
+def test_umask_is_read_without_changing_it_and_the_folder_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from muonprof import _files
+
+    old = os.umask(0o027)
+    try:
+        calls: list[int] = []
+        real_umask = os.umask
+        monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real_umask(mask))
+        synced: list[int] = []
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+        target = atomic_write(tmp_path / "x.bin", lambda fh: fh.write(b"x"))
+        assert (target.stat().st_mode & 0o777) == 0o640
+        if Path("/proc/self/status").exists():
+            assert calls == []  # read from /proc: no other thread ever sees a zero umask
+        assert len(synced) == 2  # the file, then its folder
+        assert _files._umask() == 0o027
+    finally:
+        os.umask(old)
