@@ -288,3 +288,21 @@ def test_stage2_reproduces_and_enqueues_the_defaults_first(files: dict[str, Path
     study = optuna.load_study(study_name="lr-lr", storage=f"sqlite:///{tmp_path / 'a.db'}")
     assert study.trials[0].params["lr_mult"] == 1.0 and study.trials[0].params["lr_rule"] == "original"
     assert set(first.scales) == {m.name for m in menus} and all(s > 0 for s in first.scales.values())
+
+
+def test_tune_passes_the_whole_bench_grid_to_bench(files: dict[str, Path], tmp_path: Path) -> None:
+    """--methods/--ranks/--ns-steps/--schedules/--dtype/--bench-seeds reach bench as bench's own flags would."""
+    runner = CliRunner()
+    out = tmp_path / "g.json"
+    grid = ["--methods", "newton_schulz", "--ns-steps", "2,4", "--schedules", "jordan", "--dtype", "fp32"]
+    r = runner.invoke(
+        app,
+        ["tune", str(files["spectra"]), *grid, "--bench-seeds", "1", "--trials", "3", "--lr-trials", "0",
+         "--race-candidates", "0", "--out", str(out)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    benched = json.loads(out.with_name("g.bench.json").read_text())["meta"]["grid"]
+    assert benched["methods"] == ["newton_schulz"] and benched["steps"] == [2, 4]
+    assert benched["schedules"] == ["jordan"] and benched["dtypes"] == ["float32"]
+    r = runner.invoke(app, ["tune", str(files["spectra"]), "--schedules", "nope", "--out", str(tmp_path / "h.json")])
+    assert r.exit_code != 0 and "--schedules" in r.output and "Traceback" not in r.output

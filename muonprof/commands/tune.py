@@ -117,6 +117,16 @@ def tune_command(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model override key=value.")] = None,
     methods: Annotated[str | None, typer.Option("--methods", help="Bench grid: methods (when benching).")] = None,
     ranks: Annotated[str | None, typer.Option("--ranks", help="Bench grid: ranks (when benching).")] = None,
+    ns_steps: Annotated[
+        str | None, typer.Option("--ns-steps", help="Bench grid: Newton-Schulz steps, e.g. 3,5 (bench's --steps).")
+    ] = None,
+    schedules: Annotated[
+        str | None, typer.Option("--schedules", help="Bench grid: coefficient schedules, e.g. jordan,polar_express.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Bench grid: bf16, fp32 or both.")] = None,
+    bench_seeds: Annotated[
+        int, typer.Option("--bench-seeds", callback=in_range(1), help="Bench: sketch seeds per randomized candidate.")
+    ] = 3,
     race_candidates: Annotated[
         int,
         typer.Option(
@@ -213,6 +223,10 @@ def tune_command(
             overrides=parse_overrides(set_ or []),
             methods=methods,
             ranks=ranks,
+            ns_steps=ns_steps,
+            schedules=schedules,
+            dtypes=dtype,
+            bench_seeds=bench_seeds,
             race=RaceOptions(
                 candidates=race_candidates,
                 seeds=race_seeds,

@@ -101,8 +101,12 @@ class TuneRequest:
     data: str | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     overrides: dict[str, Any] = field(default_factory=dict)
-    methods: str | None = None
+    methods: str | None = None  # bench's grid, as bench's flags spell it (None: bench's default for the axis)
     ranks: str | None = None
+    ns_steps: str | None = None
+    schedules: str | None = None
+    dtypes: str | None = None
+    bench_seeds: int = 3
     race: RaceOptions = field(default_factory=RaceOptions)
     command: str = "muonprof tune"
 
@@ -179,7 +183,14 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
         raise TuneError(f"{request.source}: the spectra were captured on another model ({spectra.meta['fingerprint']})")
     name = request.study_name or default_study_name(model, fingerprint)
     bench = load_bench(request.bench_file) if request.bench_file is not None else None
-    grid = parse_grid(methods=request.methods, ranks=request.ranks) if (request.methods or request.ranks) else None
+    grid_flags = {
+        "methods": request.methods,
+        "ranks": request.ranks,
+        "steps": request.ns_steps,
+        "schedules": request.schedules,
+        "dtypes": request.dtypes,
+    }
+    grid = parse_grid(**grid_flags) if any(v is not None for v in grid_flags.values()) else None
     artifacts: dict[str, str] = {}
     notes: list[str] = []
 
@@ -216,8 +227,8 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
         bench_key = _digest(
             {
                 "spectra": spectra.meta.get("tune_inputs") or capture_key,
-                "methods": request.methods,
-                "ranks": request.ranks,
+                **({k: v for k, v in grid_flags.items() if v is not None} or {"methods": None, "ranks": None}),
+                "seeds": request.bench_seeds,
                 "device": str(request.device),
             }
         )
@@ -231,6 +242,7 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
                     spectra,
                     device=request.device,
                     grid=grid,
+                    seeds=request.bench_seeds,
                     command=request.command,
                     progress=lambda phase, detail, done, total: update(done, total=max(total, 1)),
                 )
