@@ -31,3 +31,11 @@ def app() -> typer.Typer:
     register(fresh)
     fresh.command("noop", hidden=True)(lambda: None)  # keep `validate` a subcommand with a second command
     return fresh
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for subprocesses a test interrupts with SIGINT: a shell that runs the suite in the background
+    hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt; restore the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

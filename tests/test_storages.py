@@ -21,6 +21,7 @@ from typing import Any
 
 import optuna
 import pytest
+from conftest import default_sigint
 from optuna.trial import TrialState
 
 from muonprof.tune.study import open_storage
@@ -44,7 +45,9 @@ def env() -> dict[str, str]:
 
 
 def start(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str, str]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import typer
+from conftest import default_sigint
 from typer.testing import CliRunner
 
 from muonprof.launch import LaunchError, WorkerContext, launch
@@ -188,7 +189,8 @@ def _tagged_processes(tag: str) -> list[int]:
 def _muonprof(args: list[str], tag: str, **kwargs: Any) -> subprocess.Popen[str]:
     env = dict(os.environ, MUONPROF_TEST_TAG=tag, PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, "-m", "muonprof", "validate", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint,
+                            **kwargs)  # fmt: skip
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
