@@ -217,7 +217,12 @@ def test_ctrl_c_stops_all_workers(tmp_path: Path) -> None:
     while len(_tagged_processes(tag)) < 3 and time.monotonic() < deadline:  # the parent and two workers
         time.sleep(0.2)
     time.sleep(1.0)  # let them reach training
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:  # a failed run must not leave its workers training for the rest of the suite
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 130 and "interrupted" in one_error_line(err)
     assert not out.exists() and _tagged_processes(tag) == []
