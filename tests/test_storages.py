@@ -51,7 +51,12 @@ def start(args: list[str]) -> subprocess.Popen[str]:
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a tune running for the rest of the suite
+        proc.communicate()
+        raise
     return proc.returncode, out, err
 
 
