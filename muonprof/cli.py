@@ -245,8 +245,11 @@ for _command_module in ("spectrum", "bench", "device", "tune", "validate"):
 
 def main() -> None:
     """Console-script entry point."""
+    from .interrupts import recorded_interrupts
+
     try:
-        app()
+        with recorded_interrupts():
+            app()
     except KeyboardInterrupt:
         from ._files import remove_created_folders
 

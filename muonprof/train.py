@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .interrupts import raise_if_interrupted
 from .workload import Workload
 
 StopReason = str  # "steps" | "time_budget" | "diverged"
@@ -329,6 +330,7 @@ def train(
         run_eval(0)
         step = 0
         while step < steps and result.diverged_at is None:
+            raise_if_interrupted()  # a Ctrl-C swallowed in a GC callback still stops the run
             step += 1
             sync_device()
             t0 = clock()

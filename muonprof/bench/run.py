@@ -24,6 +24,7 @@ from .._version import __version__
 from ..capture import Spectra
 from ..device import DeviceRates, TelemetrySampler, describe_device, measure_matmul, open_telemetry
 from ..device.probe import Timer, default_timer
+from ..interrupts import raise_if_interrupted
 from .accuracy import (
     NEEDS_MATRICES,
     SPECTRAL,
@@ -170,6 +171,7 @@ def run_bench(
 
         def tick(name: str = layer.name) -> None:
             nonlocal done
+            raise_if_interrupted()
             done += 1
             say("accuracy", name, done, total)
 

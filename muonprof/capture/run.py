@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .._version import __version__
+from ..interrupts import raise_if_interrupted
 from ..lr_rules import matrix_shape
 from ..optim import ProfiledMuon
 from ..optim.routing import route_module
@@ -202,6 +203,7 @@ def capture_spectra(
     matrices: dict[str, dict[str, Tensor]] | None = None
     model.train()
     for step in range(1, total + 1):
+        raise_if_interrupted()
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = workload.loss(workload.train_batch(step - 1))

@@ -26,6 +26,7 @@ from typing import Any
 
 import optuna
 
+from ..interrupts import raise_if_interrupted
 from .space import BASELINE_LABEL, LayerMenu, Option, TuneError
 
 PARAM_PREFIX = "ortho:"
@@ -234,6 +235,7 @@ def values_of(result: Assignment, memory: bool) -> list[float]:
 
 def objective(menus: Sequence[LayerMenu], memory: bool = False) -> Callable[[optuna.Trial], Sequence[float]]:
     def run(trial: optuna.Trial) -> Sequence[float]:
+        raise_if_interrupted()
         picks = {m.name: trial.suggest_categorical(PARAM_PREFIX + m.name, m.labels) for m in menus}
         result = evaluate(menus, picks)
         trial.set_user_attr("worst_alignment", result.worst)
