@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 PREFIX = "muonprof."
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -235,6 +235,8 @@ __all__ = [
     "MODULES",
     "ArtifactKind",
     "Migration",
+    "OpenModel",
+    "StrictModel",
     "check_document",
     "check_format",
     "format_tag",
@@ -246,3 +248,20 @@ __all__ = [
     "register",
     "validate",
 ]
+
+
+# Bases of the artifact models (the profile's own models keep theirs in profile.schema).
+
+
+class StrictModel(BaseModel):
+    """A part of an artifact whose keys are all known: an unknown key is a typo or a newer file (refused),
+    and, since artifacts are strict JSON, no number may be NaN or infinite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class OpenModel(BaseModel):
+    """A part whose known keys are typed but which may carry more (measures and notes that grow with
+    muonprof without changing the shape of the file)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
