@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, StrictBool, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+)
 
 from ..artifacts import OpenModel, StrictModel
 
@@ -173,11 +181,18 @@ class Bench(_BenchBase):
     format: Literal["muonprof.bench/2"] = Field(..., description="Format tag; must be muonprof.bench/2.")
     costs: list[CostEntry]
 
-    @model_validator(mode="after")
-    def _state_reported(self) -> Bench:
-        """bench/2's promise over /1: a file with layers reports the optimizer state it implies."""
-        if self.layers and "default_state_bytes" not in self.summary.model_fields_set:
-            raise ValueError("summary.default_state_bytes is required when the file has layers (null if unknown)")
-        if self.layers and "roles_state" not in self.fronts:
-            raise ValueError("fronts.roles_state is required when the file has layers")
-        return self
+    @field_validator("fronts")
+    @classmethod
+    def _state_front_reported(cls, value: Fronts, info: ValidationInfo) -> Fronts:
+        """bench/2's promise over /1: a file with layers has the optimizer-state front per role."""
+        if info.data.get("layers") and "roles_state" not in value:
+            raise ValueError("roles_state is required when the file has layers")
+        return value
+
+    @field_validator("summary")
+    @classmethod
+    def _state_summary_reported(cls, value: BenchSummary, info: ValidationInfo) -> BenchSummary:
+        """bench/2's promise over /1: a file with layers reports the state its choices imply (null if unknown)."""
+        if info.data.get("layers") and "default_state_bytes" not in value.model_fields_set:
+            raise ValueError("default_state_bytes is required when the file has layers (null if unknown)")
+        return value

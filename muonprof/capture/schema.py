@@ -78,14 +78,19 @@ class SpectraDocument(_Payload):
     captures: list[SpectraCapture]
     losses: list[float] = Field(default_factory=list, description="Training loss of every step.")
     matrices_step: NonNegativeInt | None = Field(None, description="The step --save-matrices saved G and M at.")
+    drift: dict[str, dict[str, Any]] | None = Field(
+        None, description="Per layer, how its statistics moved over the captures (recomputed on load, not read)."
+    )
 
 
-_TOP = ("format", "meta", "layers", "losses", "matrices_step")
+TENSOR_KEYS = ("matrices", "window")
+"""Top-level payload keys that hold tensors (checked by capture.artifact and capture.window, not the models)."""
 
 
 def spectra_view(payload: dict[str, Any]) -> dict[str, Any]:
-    """The part of a spectra payload the models describe (tensors left out, missing keys left missing)."""
-    view = {key: payload[key] for key in _TOP if key in payload}
+    """The part of a spectra payload the models describe: every key but the tensor ones, each capture's step
+    and loss (missing keys left missing, unknown keys kept so the model refuses them)."""
+    view = {key: value for key, value in payload.items() if key not in TENSOR_KEYS}
     if "captures" in payload:
         captures = payload["captures"]
         view["captures"] = (
