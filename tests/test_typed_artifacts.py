@@ -326,3 +326,16 @@ def test_the_validate_model_names_a_bad_field(tmp_path: Path) -> None:
             load_results(write(tmp_path / "bad.json", broken))
         assert f"bad.json: corrupt validate results file: {message}" in str(info.value)
         assert "\n" not in str(info.value)
+
+
+def test_the_bench_artifact_does_not_import_the_bench_run() -> None:
+    """The bench/1 upgrade used to import bench.run inside the loader (an import cycle): the migration now
+    derives through bench.pareto, so the artifact module imports neither run nor anything that imports it."""
+    import ast
+
+    import muonprof.bench.artifact as artifact
+
+    tree = ast.parse(Path(artifact.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "run" not in imported and not any((name or "").endswith(".run") for name in imported)
+    assert {"cost", "candidates", "pareto", "schema"} <= imported
