@@ -269,23 +269,45 @@ def _recipe_text(recipe: dict[str, Any]) -> str:
 def profile_schema(
     out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
 ) -> None:
-    """Print the JSON Schema of the muonprof.profile/1 format."""
-    from .profile import atomic_write_text, json_schema
+    """Print the JSON Schema of the muonprof.profile/1 format (the same as `muonprof schema profile`)."""
+    from .profile import json_schema
 
-    text = json.dumps(json_schema(), indent=2) + "\n"
+    _emit_schema(json_schema(), out)
+
+
+@app.command("schema")
+def schema(
+    kind: Annotated[str, typer.Argument(help="profile, spectra, bench or validate.", show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON Schema of an artifact format (the one shipped in the package, generated from its model)."""
+    from .artifacts import get_kind
+
+    try:
+        artifact = get_kind(kind)
+    except ValueError as err:
+        fail(str(err), 2)
+    _emit_schema(artifact.json_schema(), out)
+
+
+def _emit_schema(document: dict[str, Any], out: Path | None) -> None:
+    """Print ``document`` as indented JSON, or write it atomically to ``out`` (one-line errors)."""
+    from .profile import atomic_write_text
+
+    text = json.dumps(document, indent=2) + "\n"
     if out is None:
         print(text, end="")
-    else:
-        from ._files import OutputPathError, check_writable
+        return
+    from ._files import OutputPathError, check_writable
 
-        try:
-            check_writable(out)
-            atomic_write_text(out, text)
-        except OutputPathError as err:
-            fail(str(err), 2)
-        except OSError as err:
-            fail(f"{out}: cannot write ({err.strerror or type(err).__name__})", 2)
-        console.print(f"wrote {out}")
+    try:
+        check_writable(out)
+        atomic_write_text(out, text)
+    except OutputPathError as err:
+        fail(str(err), 2)
+    except OSError as err:
+        fail(f"{out}: cannot write ({err.strerror or type(err).__name__})", 2)
+    console.print(f"wrote {out}")
 
 
 # Command families live in muonprof.commands, one module each; this file is their table of contents.

@@ -458,8 +458,10 @@ def test_run_bench_and_artifact_round_trip(tmp_path: Path) -> None:
     assert back.to_json() == json.loads(result.dumps())
     assert back.summary == result.summary and back.costs[0].config == result.costs[0].config
 
-    # A file from before state_bytes existed: the numbers are derived from the shapes on load.
+    # A bench/1 file from before state_bytes existed: the bench/1 -> bench/2 migration derives the numbers
+    # from the shapes on load.
     old = json.loads(path.read_text())
+    old["format"] = "muonprof.bench/1"
     for c in old["costs"]:
         del c["state_bytes"]
     for key in ("default_state_bytes", "tuned_state_bytes", "min_state_bytes"):
@@ -483,7 +485,7 @@ def test_bad_bench_files_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="not a muonprof bench file"):
         load_bench(bad)
     bad.write_text(json.dumps({"format": "muonprof.bench/0"}))
-    with pytest.raises(BenchError, match=r"is not 'muonprof\.bench/1'"):
+    with pytest.raises(BenchError, match=r"is not 'muonprof\.bench/2' and is too old to upgrade"):
         load_bench(bad)
     bad.write_text(json.dumps({"format": "muonprof.bench/1", "meta": {}}))
     with pytest.raises(BenchError, match="corrupt bench file") as info:
@@ -535,7 +537,7 @@ def test_cli_json_and_plot(spectra_file: Path, tmp_path: Path) -> None:
     result = runner.invoke(cli(), [*args, "--out", str(out), "--plot", str(plot), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["format"] == "muonprof.bench/1" and data["summary"]["baseline"] == "ns5-jordan-bf16"
+    assert data["format"] == "muonprof.bench/2" and data["summary"]["baseline"] == "ns5-jordan-bf16"
     assert out.is_file() and load_bench(out).summary == data["summary"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,7 +1,8 @@
 """Bench: the cost (on this device) and accuracy (on this model's spectra) of every orthogonalizer candidate.
 
 ``run_bench(spectra, device=..., grid=...)`` returns a ``BenchResult``; ``save_bench`` / ``load_bench``
-write and read the ``muonprof.bench/1`` artifact. See DESIGN.md ("Two facts that make tuning cheap").
+write and read the ``muonprof.bench/2`` artifact (``bench/1`` files are upgraded on load). See DESIGN.md
+("Two facts that make tuning cheap").
 """
 
 from .accuracy import layer_accuracy, model_check, simulate_accuracy, spectral_accuracy

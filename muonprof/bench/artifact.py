@@ -1,21 +1,26 @@
-"""The bench artifact (``muonprof.bench/1``): what ``bench`` writes and ``tune`` reads.
+"""The bench artifact (``muonprof.bench/2``): what ``bench`` writes and ``tune`` reads.
 
 Plain JSON (it is small: costs per unique shape, measures per layer), written atomically at the end of
-the run, so an interrupted bench leaves the previous file or none, never half of one.
+the run, so an interrupted bench leaves the previous file or none, never half of one. The document is
+checked against ``bench.schema.Bench`` on save and on load (``muonprof schema bench`` prints its JSON
+Schema); a ``muonprof.bench/1`` file is upgraded by the explicit migration ``bench/1 -> bench/2`` below.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._files import atomic_write, dumps_json, finite_or_null, loads_json
+from ..artifacts import ArtifactKind, check_document, check_format, load_document, register
+from .candidates import BASELINE, candidate_from_dict, candidate_label, state_bytes
 from .cost import CostRecord
-
-FORMAT = "muonprof.bench/1"
+from .pareto import TARGET_ALIGNMENT, derive_fronts
+from .schema import FORMAT, Bench, BenchV1
 
 
 class BenchError(ValueError):
@@ -36,18 +41,11 @@ class BenchResult:
 
     def per_layer_costs(self) -> dict[tuple[int, int], dict[str, float]]:
         """(m, n) -> label -> one layer's seconds per step, for the candidates that were timed."""
-        out: dict[tuple[int, int], dict[str, float]] = {}
-        for c in self.costs:
-            if c.per_layer_s is not None:
-                out.setdefault(c.shape, {})[c.label] = c.per_layer_s
-        return out
+        return per_layer_costs(self.costs)
 
     def per_layer_state(self) -> dict[tuple[int, int], dict[str, int]]:
         """(m, n) -> label -> Muon optimizer-state bytes of one layer under that candidate (float32)."""
-        out: dict[tuple[int, int], dict[str, int]] = {}
-        for c in self.costs:
-            out.setdefault(c.shape, {})[c.label] = c.state_bytes
-        return out
+        return per_layer_state(self.costs)
 
     def cost(self, shape: tuple[int, int], label: str) -> CostRecord | None:
         for c in self.costs:
@@ -68,36 +66,81 @@ class BenchResult:
         }
 
     def dumps(self) -> str:
-        return dumps_json(_finite(self.to_json()), what="bench data", error=BenchError, indent=1)
+        """The file's text; a document the model refuses (a writer bug) never reaches the disk."""
+        document = _finite(self.to_json())
+        check_document(document, KIND, "bench data")
+        return dumps_json(document, what="bench data", error=BenchError, indent=1)
 
     @classmethod
     def from_json(cls, data: Any, source: str = "bench data") -> BenchResult:
-        if not isinstance(data, dict) or "format" not in data:
-            raise BenchError(f"{source}: not a muonprof bench file")
-        if data["format"] != FORMAT:
-            raise BenchError(
-                f"{source}: format {data['format']!r} is not {FORMAT!r}; re-run `muonprof bench` with this version"
-            )
+        """A result from a parsed bench document of any version this muonprof reads (migrated, validated)."""
+        check_format(data, KIND, source)
         _check_times(data.get("costs"), source)
-        try:
-            result = cls(
-                meta=dict(data["meta"]),
-                layers=[dict(layer) for layer in data["layers"]],
-                costs=[CostRecord.from_json(c) for c in data["costs"]],
-                accuracy={str(k): dict(v) for k, v in data["accuracy"].items()},
-                model_check=dict(data.get("model_check") or {}),
-                fronts=dict(data.get("fronts") or {}),
-                summary=dict(data.get("summary") or {}),
-            )
-            if result.layers and "default_state_bytes" not in result.summary:
-                # Written before bench reported optimizer state: derive it (from shapes) like a new file's.
-                from .pareto import TARGET_ALIGNMENT
-                from .run import derive
+        _, document = load_document(data, KIND, source)
+        return cls(
+            meta=dict(document["meta"]),
+            layers=[dict(layer) for layer in document["layers"]],
+            costs=[CostRecord.from_json(c) for c in document["costs"]],
+            accuracy={str(k): dict(v) for k, v in document["accuracy"].items()},
+            model_check=dict(document.get("model_check") or {}),
+            fronts=dict(document.get("fronts") or {}),
+            summary=dict(document.get("summary") or {}),
+        )
 
-                derive(result, float(result.summary.get("target_alignment") or TARGET_ALIGNMENT))
-            return result
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-            raise BenchError(f"{source}: corrupt bench file ({type(err).__name__}: {err})") from None
+
+def per_layer_costs(costs: Iterable[CostRecord]) -> dict[tuple[int, int], dict[str, float]]:
+    """(m, n) -> label -> one layer's seconds per step, for the candidates that were timed."""
+    out: dict[tuple[int, int], dict[str, float]] = {}
+    for c in costs:
+        if c.per_layer_s is not None:
+            out.setdefault(c.shape, {})[c.label] = c.per_layer_s
+    return out
+
+
+def per_layer_state(costs: Iterable[CostRecord]) -> dict[tuple[int, int], dict[str, int]]:
+    """(m, n) -> label -> Muon optimizer-state bytes of one layer under that candidate (float32)."""
+    out: dict[tuple[int, int], dict[str, int]] = {}
+    for c in costs:
+        out.setdefault(c.shape, {})[c.label] = c.state_bytes
+    return out
+
+
+KIND = register(
+    ArtifactKind(
+        name="bench",
+        version=2,
+        model=Bench,
+        error=BenchError,
+        what="bench file",
+        rerun="muonprof bench",
+        schema_package=__package__,
+        models={1: BenchV1},
+    )
+)
+
+
+@KIND.migration(1)
+def bench_1_to_2(document: dict[str, Any]) -> dict[str, Any]:
+    """bench/2 reports optimizer state everywhere. bench/1 gained these figures without a version change,
+    so a /1 file may lack them: every cost gets ``state_bytes`` (a function of shape and candidate alone),
+    and a file with layers but no ``summary.default_state_bytes`` gets its fronts (with ``roles_state``)
+    and summary derived from its costs and accuracy, exactly as a fresh bench derives them. A /1 file that
+    has them is only re-tagged."""
+    for cost in document["costs"]:
+        if cost.get("state_bytes") is None:
+            cost["state_bytes"] = state_bytes(cost["shape"], candidate_from_dict(cost["config"]))
+    summary = document.get("summary") or {}
+    if document["layers"] and "default_state_bytes" not in summary:
+        records = [CostRecord.from_json(c) for c in document["costs"]]
+        document["fronts"], document["summary"] = derive_fronts(
+            document["layers"],
+            document["accuracy"],
+            per_layer_costs(records),
+            per_layer_state(records),
+            candidate_label(BASELINE),
+            float(summary.get("target_alignment") or TARGET_ALIGNMENT),
+        )
+    return document
 
 
 def _check_times(costs: Any, source: str) -> None:

@@ -209,3 +209,37 @@ def model_summary(
         "tuned_state_bytes": state["tuned"] if per_layer else None,
         "min_state_bytes": state["min"] if per_layer else None,
     }
+
+
+def derive_fronts(
+    layers: Sequence[Mapping[str, Any]],
+    accuracy: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    per_shape_costs: Mapping[tuple[int, int], Mapping[str, float]],
+    per_shape_state: Mapping[tuple[int, int], Mapping[str, int]],
+    baseline: str,
+    target: float = TARGET_ALIGNMENT,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(fronts, summary) of a bench from its layers, accuracy and per-shape costs and state.
+
+    ``fronts`` holds per layer and per role the time/alignment front, ``role_points`` every role point and
+    ``roles_state`` per role the optimizer-state/alignment front; every point carries ``state_bytes``. Pure
+    on plain data, so a fresh bench and the bench/1 -> bench/2 migration derive the same numbers."""
+    points = {
+        layer["name"]: layer_points(
+            accuracy.get(layer["name"], {}),
+            per_shape_costs.get(tuple(layer["matrix_shape"]), {}),  # type: ignore[arg-type]
+            per_shape_state.get(tuple(layer["matrix_shape"]), {}),  # type: ignore[arg-type]
+        )
+        for layer in layers
+    }
+    roles: dict[str, list[str]] = {}
+    for layer in layers:
+        roles.setdefault(layer["role"], []).append(layer["name"])
+    role_pts = {role: role_points([points[n] for n in names]) for role, names in roles.items()}
+    fronts = {
+        "layers": {name: [point_json(p) for p in pareto_front(pts)] for name, pts in points.items()},
+        "roles": {role: [point_json(p) for p in pareto_front(pts)] for role, pts in role_pts.items()},
+        "role_points": {role: [point_json(p) for p in pts] for role, pts in role_pts.items()},
+        "roles_state": {role: [point_json(p) for p in state_front(pts)] for role, pts in role_pts.items()},
+    }
+    return fronts, model_summary(points, baseline, target)

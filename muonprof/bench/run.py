@@ -38,15 +38,7 @@ from .artifact import BenchError, BenchResult
 from .candidates import BASELINE, GridSpec, build_candidates, candidate_label, check_ranks, fits
 from .cost import MEMORY_ESTIMATE, MEMORY_MEASURED, measure_costs
 from .multistep import layer_multistep
-from .pareto import (
-    TARGET_ALIGNMENT,
-    layer_points,
-    model_summary,
-    pareto_front,
-    point_json,
-    role_points,
-    state_front,
-)
+from .pareto import TARGET_ALIGNMENT, derive_fronts
 
 RunProgress = Callable[[str, str, int, int], None]  # (phase, detail, done, total)
 EMULATED_BELOW = 0.5  # bf16 matmul slower than half of fp32: the device emulates it
@@ -301,25 +293,13 @@ def _model_check_layers(layers: list[Any], momentum: dict[str, torch.Tensor], se
 
 def derive(result: BenchResult, target: float = TARGET_ALIGNMENT) -> None:
     """Fill ``fronts`` (per layer and per role; ``roles_state``: per role, optimizer-state bytes vs
-    alignment) and ``summary`` from costs and accuracy. Every point carries ``state_bytes``."""
-    per_shape = result.per_layer_costs()
-    state = result.per_layer_state()
-    points = {
-        layer["name"]: layer_points(
-            result.accuracy.get(layer["name"], {}),
-            per_shape.get(tuple(layer["matrix_shape"]), {}),
-            state.get(tuple(layer["matrix_shape"]), {}),
-        )
-        for layer in result.layers
-    }
-    roles: dict[str, list[str]] = {}
-    for layer in result.layers:
-        roles.setdefault(layer["role"], []).append(layer["name"])
-    role_pts = {role: role_points([points[n] for n in names]) for role, names in roles.items()}
-    result.fronts = {
-        "layers": {name: [point_json(p) for p in pareto_front(pts)] for name, pts in points.items()},
-        "roles": {role: [point_json(p) for p in pareto_front(pts)] for role, pts in role_pts.items()},
-        "role_points": {role: [point_json(p) for p in pts] for role, pts in role_pts.items()},
-        "roles_state": {role: [point_json(p) for p in state_front(pts)] for role, pts in role_pts.items()},
-    }
-    result.summary = model_summary(points, candidate_label(BASELINE), target)
+    alignment) and ``summary`` from costs and accuracy (``pareto.derive_fronts``). Every point carries
+    ``state_bytes``."""
+    result.fronts, result.summary = derive_fronts(
+        result.layers,
+        result.accuracy,
+        result.per_layer_costs(),
+        result.per_layer_state(),
+        candidate_label(BASELINE),
+        target,
+    )

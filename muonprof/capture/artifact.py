@@ -10,6 +10,8 @@ Later additions, all optional so that older files still load: ``meta["warmup_ste
 the first capture; missing: 0), ``window`` (a ``GradientWindow`` of consecutive raw gradients; missing:
 None) and ``drift`` (per layer, how the statistics moved from the first to the last capture: derived from
 the captures, written for readers of the file and recomputed on load, so it can never disagree with them).
+The JSON-able part (format, meta, layers, per-capture step and loss) is checked against
+``capture.schema.SpectraDocument`` on save and load (``muonprof schema spectra`` prints its JSON Schema).
 """
 
 from __future__ import annotations
@@ -18,21 +20,36 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from .._files import atomic_write, dumps_json
+from ..artifacts import ArtifactKind, check_document, load_document, register
+from .schema import FORMAT, SpectraDocument, spectra_view
 from .stats import stats_row
 from .window import GradientWindow
 
-FORMAT = "muonprof.spectra/1"
 KINDS = ("grad", "momentum")
 
 
 class SpectraError(ValueError):
     """A spectra file that cannot be used: missing, corrupt, another format version, or inconsistent."""
+
+
+KIND = register(
+    ArtifactKind(
+        name="spectra",
+        version=1,
+        model=SpectraDocument,
+        error=SpectraError,
+        what="spectra file",
+        rerun="muonprof spectrum",
+        schema_package=__package__,
+        view=spectra_view,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -181,6 +198,7 @@ def save_spectra(spectra: Spectra, path: str | os.PathLike[str]) -> Path:
         "drift": spectra.drift(),
         "window": spectra.window.to_payload() if spectra.window is not None else None,
     }
+    check_document(payload, KIND, f"{path}: spectra")
     return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
@@ -194,39 +212,41 @@ def load_spectra(path: str | os.PathLike[str]) -> Spectra:
     except Exception as err:  # torch raises many types for a file that is not its zip format
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise SpectraError(f"{source}: not a muonprof spectra file (cannot be read: {reason})") from None
-    if not isinstance(payload, dict) or "format" not in payload:
-        raise SpectraError(f"{source}: not a muonprof spectra file")
-    fmt = payload["format"]
-    if fmt != FORMAT:
-        raise SpectraError(f"{source}: format {fmt!r} is not {FORMAT!r}; re-run `muonprof spectrum` with this version")
-    try:
-        layers = [
-            LayerRecord(
-                name=str(d["name"]),
-                shape=tuple(int(x) for x in d["shape"]),
-                matrix_shape=(int(d["matrix_shape"][0]), int(d["matrix_shape"][1])),
-                role=str(d["role"]),
-                optimizer=str(d["optimizer"]),
-            )
-            for d in payload["layers"]
-        ]
-        captures = [
-            CaptureRecord(step=int(c["step"]), loss=float(c["loss"]), grad=c["grad"], momentum=c["momentum"])
-            for c in payload["captures"]
-        ]
-        spectra = Spectra(
-            meta=dict(payload["meta"]),
-            layers=layers,
-            captures=captures,
-            losses=[float(x) for x in payload.get("losses", [])],
-            matrices=payload.get("matrices"),
-            matrices_step=payload.get("matrices_step"),
-        )
-    except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise SpectraError(f"{source}: corrupt spectra file ({type(err).__name__}: {err})") from None
+    model, payload = load_document(payload, KIND, str(source))
+    document = cast(SpectraDocument, model)
+    _check_tensor_dicts(payload, source)
+    spectra = Spectra(
+        meta=dict(payload["meta"]),
+        layers=[
+            LayerRecord(d.name, tuple(d.shape), (d.matrix_shape[0], d.matrix_shape[1]), d.role, d.optimizer)
+            for d in document.layers
+        ],
+        captures=[
+            CaptureRecord(step=c.step, loss=c.loss, grad=raw["grad"], momentum=raw["momentum"])
+            for c, raw in zip(document.captures, payload["captures"], strict=True)
+        ],
+        losses=list(document.losses),
+        matrices=payload.get("matrices"),
+        matrices_step=document.matrices_step,
+    )
     _check_consistent(spectra, source)
     spectra.window = _load_window(payload.get("window"), spectra, source)
     return spectra
+
+
+def _check_tensor_dicts(payload: dict[str, Any], source: Path) -> None:
+    """The tensor parts the model does not see: each capture's per-layer singular values, the matrices."""
+    for i, capture in enumerate(payload["captures"]):
+        for kind in KINDS:
+            if not isinstance(capture.get(kind), dict):
+                raise SpectraError(
+                    f"{source}: corrupt spectra file: captures[{i}].{kind}: must map each layer to its singular values"
+                )
+    matrices = payload.get("matrices")
+    if matrices is not None and not (
+        isinstance(matrices, dict) and all(isinstance(v, dict) for v in matrices.values())
+    ):
+        raise SpectraError(f"{source}: corrupt spectra file: matrices: must map grad/momentum to per-layer matrices")
 
 
 def _load_window(data: Any, spectra: Spectra, source: Path) -> GradientWindow | None:

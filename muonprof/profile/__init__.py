@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from typing import Any
 
 from .io import (
+    KIND,
     ProfileError,
     atomic_write_text,
     fingerprint,
@@ -39,16 +38,14 @@ __all__ = [
     "shipped_json_schema",
 ]
 
-SCHEMA_ID = "https://muonprof.dev/schema/profile-1.json"
+SCHEMA_ID = KIND.json_schema()["$id"]
 
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of ``muonprof.profile/1``, generated from the pydantic models."""
-    schema = Profile.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
+    return KIND.json_schema()
 
 
 def shipped_json_schema() -> dict[str, Any]:
     """The schema file shipped inside the package (kept equal to ``json_schema()`` by a test)."""
-    text = resources.files(__package__).joinpath("profile.schema.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    return KIND.shipped_json_schema()

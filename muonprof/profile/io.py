@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .._files import MAX_JSON_DEPTH, atomic_write, dumps_json, json_depth, loads_json
+from ..artifacts import ArtifactKind, register
 from .schema import Profile
 
 
@@ -18,12 +20,18 @@ class ProfileError(ValueError):
     """A profile that cannot be used; the message names the file, the key and the layer at fault."""
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
-    """('layers', 'h.0.weight', 'rank') -> layers["h.0.weight"].rank; list indices as [i]."""
+    """('layers', 'h.0.weight', 'rank') -> layers["h.0.weight"].rank; list indices as [i]; any other key that
+    is not an identifier (a layer name in a bench file's accuracy table) quoted the same way."""
     parts: list[str] = []
     for i, item in enumerate(loc):
-        if parts and (loc[i - 1] == "layers" or isinstance(item, int)):
-            parts[-1] += f'["{item}"]' if loc[i - 1] == "layers" else f"[{item}]"
+        if parts and isinstance(item, int):
+            parts[-1] += f"[{item}]"
+        elif parts and (loc[i - 1] == "layers" or not _IDENTIFIER.fullmatch(str(item))):
+            parts[-1] += f'["{item}"]'  # a layer (parameter) name, or any key a dotted path would garble
         else:
             parts.append(str(item))
     return ".".join(parts) or "(document)"
@@ -92,3 +100,18 @@ def fingerprint(named_shapes: Iterable[tuple[str, Iterable[int]]]) -> str:
     """A stable identity of a model's parameters: sha256 of sorted 'name:shape' lines (16 hex digits)."""
     lines = sorted(f"{name}:{'x'.join(str(int(d)) for d in shape)}" for name, shape in named_shapes)
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+KIND = register(
+    ArtifactKind(
+        name="profile",
+        version=1,
+        model=Profile,
+        error=ProfileError,
+        what="profile",
+        rerun="muonprof tune",
+        schema_package="muonprof.profile",
+    )
+)
+"""The profile as an artifact kind: its schema for ``muonprof schema profile``. Profiles keep their own
+loader (``load_profile``), whose messages name layers; there is one version, so no migration yet."""

@@ -32,7 +32,8 @@ spread, for reading: the verdict is the paired rule above, never a comparison of
 that diverged in any seed has no value, its verdict is ``diverged``, and it reaches no target in that seed.
 
 The summary is derived from the runs and recomputed whenever a file is loaded (with the reference and δ it
-records, if any), so a file written by an earlier version is re-judged by the current rule.
+records, if any), so a file written by an earlier version is re-judged by the current rule. The document is
+checked against ``validate.schema.ValidateDocument`` on save and load (``muonprof schema validate``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import finite_or_null, loads_json, write_json
+from ..artifacts import ArtifactKind, check_document, load_document, register
 from ..stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_MARGIN,
@@ -55,8 +57,8 @@ from ..stats import (
     paired_comparison,
 )
 from ..train import EvalPoint, TrainResult
+from .schema import FORMAT, ValidateDocument
 
-FORMAT = "muonprof.validate/1"
 FINAL_TRAIN_FRACTION = 0.1
 METRICS = {
     "final_val_loss": "val loss at equal steps",
@@ -101,6 +103,19 @@ NO_VALUE = ("diverged", "no value", "no reference")
 
 class ResultsFormatError(ValueError):
     """A file that is not a muonprof.validate/1 results file."""
+
+
+KIND = register(
+    ArtifactKind(
+        name="validate",
+        version=1,
+        model=ValidateDocument,
+        error=ResultsFormatError,
+        what="validate results file",
+        rerun="muonprof validate",
+        schema_package=__package__,
+    )
+)
 
 
 @dataclass
@@ -160,41 +175,39 @@ class ValidationResult:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ValidationResult:
+    def from_dict(cls, data: Mapping[str, Any], source: str = "results") -> ValidationResult:
         """Read the runs back and re-summarize them by the current rule (the stored summary only lends its
         reference and margin, so a file of an earlier version is judged as a new one would be)."""
-        if data.get("format") != FORMAT:
-            raise ResultsFormatError(f"not a {FORMAT} results file (format: {data.get('format')!r})")
+        _, document = load_document(data, KIND, source)
+        contenders = {}
+        for name, entry in document["contenders"].items():
+            runs = {int(r["seed"]): TrainResult.from_dict(r) for r in entry.get("runs", [])}
+            contenders[name] = ContenderRuns(name, dict(entry.get("config") or {}), runs, entry.get("skipped"))
+        result = cls(dict(document["meta"]), [int(s) for s in document["seeds"]], contenders, {})
+        stored = document.get("summary") or {}
         try:
-            contenders = {}
-            for name, entry in data["contenders"].items():
-                runs = {int(r["seed"]): TrainResult.from_dict(r) for r in entry.get("runs", [])}
-                contenders[name] = ContenderRuns(name, dict(entry.get("config") or {}), runs, entry.get("skipped"))
-            result = cls(dict(data["meta"]), [int(s) for s in data["seeds"]], contenders, {})
-            stored = data.get("summary") or {}
             result.summarize(reference=stored.get("reference"), margin=stored.get("margin"))
-        except (KeyError, TypeError, AttributeError, ValueError) as err:
-            raise ResultsFormatError(f"not a readable {FORMAT} results file ({type(err).__name__}: {err})") from None
+        except ValueError as err:  # summarize's own refusals: a stored reference that did not run, a bad margin
+            raise ResultsFormatError(f"{source}: not a readable {FORMAT} results file ({err})") from None
         return result
 
 
 def save_results(result: ValidationResult, path: str | os.PathLike[str]) -> Path:
-    """Write the results JSON atomically (strict JSON: non-finite numbers are stored as null)."""
-    return write_json(path, _strict(result.to_dict()), what=str(path), error=ResultsFormatError, indent=1)
+    """Write the results JSON atomically (strict JSON: non-finite numbers are stored as null); a document the
+    model refuses (a writer bug) never reaches the disk."""
+    document = _strict(result.to_dict())
+    check_document(document, KIND, str(path))
+    return write_json(path, document, what=str(path), error=ResultsFormatError, indent=1)
 
 
 def load_results(path: str | os.PathLike[str]) -> ValidationResult:
+    """Read, check and re-judge a results file; every problem is a ResultsFormatError naming the file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ResultsFormatError(f"{path}: cannot read results ({type(err).__name__})") from None
     data = loads_json(text, where=str(path), error=ResultsFormatError)
-    if not isinstance(data, dict):
-        raise ResultsFormatError(f"{path}: not a {FORMAT} results file")
-    try:
-        return ValidationResult.from_dict(data)
-    except ResultsFormatError as err:
-        raise ResultsFormatError(f"{path}: {err}") from None
+    return ValidationResult.from_dict(data, str(path))
 
 
 # ----------------------------------------------------------------------------------------------- numbers
