@@ -180,7 +180,9 @@ def test_time_op_excludes_warmup_and_takes_the_median() -> None:
     assert t.warmup_s == 10.0 and t.repeats == 5
     assert t.median_s == pytest.approx(0.3) and t.min_s == pytest.approx(0.1) and t.max_s == pytest.approx(0.5)
     assert t.p10_s == pytest.approx(0.14) and t.p90_s == pytest.approx(0.46)
-    assert t.spread == pytest.approx((0.46 - 0.14) / 0.3)
+    assert t.q1_s == pytest.approx(0.2) and t.q3_s == pytest.approx(0.4)
+    assert t.spread == pytest.approx((0.4 - 0.2) / 0.3)  # relative IQR
+    assert t.rounds is None and t.figure_s == t.median_s  # back-to-back: no rounds, the median is the figure
 
 
 def test_time_op_repeats_adapt_to_the_budget() -> None:
