@@ -221,10 +221,11 @@ def interleaved_samples(
     """Time ``ops`` round-robin: one warm-up call each (not counted), then rounds that visit every key still
     sampling once, in an order shuffled by ``random.Random(seed)``.
 
-    A key keeps sampling until it has ``min_repeats`` samples and ``target_s`` seconds of them (at most
-    ``max_repeats``), so the first ``min_repeats`` rounds visit all keys and only the fast ones go on (their
-    noise is relatively larger), as ``time_op`` budgets one op. A key whose warm-up took over ``slow_s``
-    gets one sample (a pathological candidate cannot stall the bench). Then every key whose relative IQR
+    A key keeps sampling until it has ``min_repeats`` samples and ``target_s`` seconds of them counted at its
+    fastest sample (at most ``max_repeats``), so the first ``min_repeats`` rounds visit all keys and only the
+    fast ones go on (their noise is relatively larger), and load, which slows samples, does not shorten the
+    rounds. A key whose warm-up and first sample both took over ``slow_s`` gets that one sample (a
+    pathological candidate, e.g. emulated bf16, cannot stall the bench). Then every key whose relative IQR
     exceeds ``remeasure_spread`` is re-measured once: as many rounds again, among the re-measured keys,
     interleaved the same way. Out of memory on a key drops it with the reason; the others go on.
     """
@@ -237,15 +238,19 @@ def interleaved_samples(
             live.append(key)
         except torch.OutOfMemoryError as err:
             samples.failed[key] = f"out of memory: {_one_line(err)}"
-    slow = {key for key in live if samples.warmup_s[key] > slow_s}
+    def pathological(key: str) -> bool:
+        # Slow at warm-up and at its first sample: one load spike on the warm-up alone does not cut its rounds.
+        got = samples.times[key]
+        return samples.warmup_s[key] > slow_s and (not got or min(got) > slow_s)
 
     def wants(key: str) -> bool:
         got = samples.times[key]
         if len(got) >= max_repeats:
             return False
-        if key in slow:
+        if pathological(key):
             return not got
-        return len(got) < min_repeats or sum(got) < target_s
+        # The budget counts each sample at the fastest one's cost, so a loaded machine does not cut the rounds.
+        return len(got) < min_repeats or len(got) * min(got) < target_s
 
     def one_round(keys: list[str]) -> None:
         rng.shuffle(keys)
@@ -263,7 +268,7 @@ def interleaved_samples(
     noisy = {
         key: len(samples.times[key])
         for key in live
-        if key not in slow and len(samples.times[key]) > 1 and relative_iqr(samples.times[key]) > remeasure_spread
+        if not pathological(key) and len(samples.times[key]) > 1 and relative_iqr(samples.times[key]) > remeasure_spread
     }
     samples.remeasured = set(noisy)
     for extra in range(max(noisy.values(), default=0)):
