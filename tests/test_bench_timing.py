@@ -229,7 +229,8 @@ def test_the_artifact_round_trips_the_certainty_and_records_the_load(tmp_path: P
     )
     row = result.costs[0].to_json()
     assert set(NEW_KEYS) <= set(row)
-    assert row["rounds"] == 3 and row["certainty"] in ("high", "medium", "low") and row["estimator"] == "q1"
+    assert row["rounds"] == (6 if row["remeasured"] else 3)  # real timings: a noisy one is re-measured
+    assert row["certainty"] in ("high", "medium", "low") and row["estimator"] == "q1"
     assert row["time_q1_s"] == row["time_estimate_s"] <= row["time_q3_s"]
     assert set(row["time_s"]) == {"median_s", "min_s", "max_s", "p10_s", "p90_s", "repeats", "warmup_s"}
     load = result.meta["load"]
