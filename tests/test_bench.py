@@ -548,6 +548,7 @@ def test_cli_json_and_plot(spectra_file: Path, tmp_path: Path) -> None:
     flat = " ".join(table.stdout.split())
     assert "Muon optimizer state" in flat and "no momentum_rank benched" in flat
     assert "KiB" in flat  # the state column, in human units
+    assert "timing certainty (rounds, IQR/median):" in flat and "re-measured; load" in flat  # how sure, how busy
 
 
 def test_cli_default_out_is_next_to_the_spectra(

@@ -302,3 +302,28 @@ def test_load_probe_record_is_plain_json() -> None:
     record = LoadProbe().record()
     json.dumps(record)
     assert record["torch_threads"] == torch.get_num_threads() and record["interval_s"] >= 0
+
+
+def test_the_report_grades_each_role_by_its_least_sure_shape_and_flags_a_busy_machine() -> None:
+    from muonprof.bench import BenchResult
+    from muonprof.commands.bench import _certainty_by_role, _timing_line
+
+    def row(shape: tuple[int, int], timing: Timing) -> CostRecord:
+        from muonprof.bench import BASELINE
+
+        return CostRecord(shape, "ns5-jordan-bf16", BASELINE, 1, 1, timing=timing)
+
+    sure = summarize([1.0] * 6, 1.0, estimator="q1", rounds=6)
+    shaky = summarize([1.0, 3.0] * 4, 1.0, estimator="q1", rounds=8, remeasured=True)
+    layers = [{"name": "a", "matrix_shape": [4, 3], "role": "up"}, {"name": "b", "matrix_shape": [5, 3], "role": "up"},
+              {"name": "c", "matrix_shape": [4, 3], "role": "out"}]  # fmt: skip
+    load = {"loadavg_before": [5.0, 1, 1], "loadavg_after": [6.0, 1, 1], "usable_cpus": 2, "torch_threads": 2}
+    result = BenchResult(meta={"load": load}, layers=layers, costs=[row((4, 3), sure), row((5, 3), shaky)], accuracy={})
+    assert _certainty_by_role(result) == {"up": {"ns5-jordan-bf16": "low, re"}, "out": {"ns5-jordan-bf16": "high"}}
+    line, loaded = _timing_line(result)
+    assert loaded and line.startswith("timing certainty (rounds, IQR/median): 1 high, 0 medium, 1 low; 1 re-measured")
+    assert "load 5 -> 6 on 2 CPUs, 2 torch threads: the machine was busy" in line
+    result.meta["load"] = {**load, "loadavg_before": [0.5, 1, 1], "loadavg_after": [1.0, 1, 1]}
+    assert _timing_line(result)[1] is False
+    old = BenchResult(meta={}, layers=layers, costs=[row((4, 3), Timing(1.0, 1.0, 1.0, 1.0, 1.0, 3, 1.0))], accuracy={})
+    assert _timing_line(old) == (None, False) and _certainty_by_role(old) == {"up": {}, "out": {}}
