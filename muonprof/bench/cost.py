@@ -56,7 +56,7 @@ MEMORY_MEASURED = "measured: torch.cuda.max_memory_allocated delta around one ca
 
 
 Certainty = Literal["high", "medium", "low"]
-CERTAINTIES: tuple[str, ...] = ("high", "medium", "low")
+CERTAINTIES: tuple[Certainty, ...] = ("low", "medium", "high")  # least sure first
 
 # A quantile of the rounds (0 = the minimum, 0.5 = the median): what ``Timing.figure_s`` reports.
 ESTIMATORS: dict[str, float] = {"min": 0.0, "p10": 0.1, "q1": 0.25, "median": 0.5}
@@ -64,7 +64,7 @@ DEFAULT_ESTIMATOR = "q1"
 MIN_ROUNDS = 5  # rounds every (not pathologically slow) candidate gets: a quartile needs a few
 MAX_ROUNDS = 15  # fast candidates go on up to this many (their noise is relatively larger)
 TARGET_S = 0.15  # ... until their samples add up to this many seconds
-SLOW_S = 5.0  # a warm-up slower than this: one sample only
+SLOW_S = 5.0  # warm-up and first sample both slower than this: that one sample only
 REMEASURE_SPREAD = 0.25  # IQR / median above this: re-measure (the bar tune.timing uses for its rounds)
 HIGH_SPREAD = 0.10  # IQR / median at or below this with >= HIGH_ROUNDS rounds: "high" certainty
 HIGH_ROUNDS = 5

@@ -236,12 +236,11 @@ def _print_report(result: Any) -> None:
     console.print(f"bench took {result.meta['wall_s']:.1f} s")
 
 
-GRADES = ("low", "medium", "high")  # worst first
-
-
 def _certainty_by_role(result: Any) -> dict[str, dict[str, str]]:
     """role -> label -> the least sure grade of that candidate's timings over the role's shapes (with "re" when
     one was re-measured): a role's time/step sums its shapes, so it is only as sure as the worst of them."""
+    from ..bench.cost import CERTAINTIES as GRADES
+
     shapes: dict[str, set[tuple[int, int]]] = {}
     for layer in result.layers:
         shapes.setdefault(layer["role"], set()).add(tuple(layer["matrix_shape"]))
@@ -262,6 +261,8 @@ def _certainty_by_role(result: Any) -> dict[str, dict[str, str]]:
 
 def _timing_line(result: Any) -> tuple[str | None, bool]:
     """One line on how sure the timings are and how busy the machine was; True when it was loaded."""
+    from ..bench.cost import CERTAINTIES as GRADES
+
     graded = [c.timing for c in result.costs if c.timing is not None and c.timing.certainty is not None]
     load = result.meta.get("load") or {}
     if not graded:
