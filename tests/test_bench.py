@@ -180,7 +180,9 @@ def test_time_op_excludes_warmup_and_takes_the_median() -> None:
     assert t.warmup_s == 10.0 and t.repeats == 5
     assert t.median_s == pytest.approx(0.3) and t.min_s == pytest.approx(0.1) and t.max_s == pytest.approx(0.5)
     assert t.p10_s == pytest.approx(0.14) and t.p90_s == pytest.approx(0.46)
-    assert t.spread == pytest.approx((0.46 - 0.14) / 0.3)
+    assert t.q1_s == pytest.approx(0.2) and t.q3_s == pytest.approx(0.4)
+    assert t.spread == pytest.approx((0.4 - 0.2) / 0.3)  # relative IQR
+    assert t.rounds is None and t.figure_s == t.median_s  # back-to-back: no rounds, the median is the figure
 
 
 def test_time_op_repeats_adapt_to_the_budget() -> None:
@@ -548,6 +550,7 @@ def test_cli_json_and_plot(spectra_file: Path, tmp_path: Path) -> None:
     flat = " ".join(table.stdout.split())
     assert "Muon optimizer state" in flat and "no momentum_rank benched" in flat
     assert "KiB" in flat  # the state column, in human units
+    assert "timing certainty (rounds, IQR/median):" in flat and "re-measured; load" in flat  # how sure, how busy
 
 
 def test_cli_default_out_is_next_to_the_spectra(

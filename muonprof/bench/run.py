@@ -23,6 +23,7 @@ import torch
 from .._version import __version__
 from ..capture import Spectra
 from ..device import DeviceRates, TelemetrySampler, describe_device, measure_matmul, open_telemetry
+from ..device.load import LoadProbe
 from ..device.probe import Timer, default_timer
 from ..interrupts import raise_if_interrupted
 from .accuracy import (
@@ -36,7 +37,7 @@ from .accuracy import (
 )
 from .artifact import BenchError, BenchResult
 from .candidates import BASELINE, GridSpec, build_candidates, candidate_label, check_ranks, fits
-from .cost import MEMORY_ESTIMATE, MEMORY_MEASURED, measure_costs
+from .cost import MEMORY_ESTIMATE, MEMORY_MEASURED, measure_costs, timing_method
 from .multistep import layer_multistep
 from .pareto import TARGET_ALIGNMENT, derive_fronts
 
@@ -104,7 +105,8 @@ def run_bench(
     """Bench ``grid`` on ``spectra``'s layers on ``device``; raises GridError / BenchError on bad input.
 
     ``clock`` replaces ``time.perf_counter`` in the timings (tests); ``rates`` skips the device probe
-    (``probe=False`` skips it without rates: every dtype is timed); ``timing`` goes to ``cost.time_op``.
+    (``probe=False`` skips it without rates: every dtype is timed); ``timing`` goes to ``cost.time_interleaved``.
+    ``meta["load"]`` records how busy the machine was while timing (``device.load.LoadProbe``).
     """
     started = time.perf_counter()
     if seeds < 1:
@@ -126,6 +128,7 @@ def run_bench(
 
     timer: Timer = Timer(clock=clock) if clock is not None else default_timer(device)
     telemetry, telemetry_notes = open_telemetry(device)
+    load = LoadProbe()
     try:
         with TelemetrySampler(telemetry, interval_s=0.5) as sampler:
             costs = measure_costs(
@@ -138,6 +141,7 @@ def run_bench(
                 **(timing or {}),
             )
         telemetry_summary = sampler.summary()
+        load_record = load.record()
     finally:
         telemetry.close()
     if telemetry_summary.get("throttled"):
@@ -230,6 +234,8 @@ def run_bench(
         "all_layers": all_layers,
         "skipped_dtypes": skip,
         "timing_mode": "batched same-shape call" if device.type != "cpu" else "one matrix per call (x layer count)",
+        "timing": timing_method(timing or {}),
+        "load": load_record,
         "memory_source": MEMORY_MEASURED if device.type == "cuda" else MEMORY_ESTIMATE,
         "state_bytes": STATE_NOTE,
         "notes": notes,

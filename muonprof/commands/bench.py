@@ -169,9 +169,12 @@ def _print_report(result: Any) -> None:
 
     summary = result.summary
     baseline = summary["baseline"]
+    sure = _certainty_by_role(result)
     for role, front in result.fronts["roles"].items():
         table = Table(title=f"{role}: Pareto-optimal candidates (time vs alignment; * state vs alignment)")
-        columns = ("candidate", "time/step", "align (layer mean)", "align (worst)", "rel_err", "sv range", "state")
+        columns = (
+            "candidate", "time/step", "timing", "align (layer mean)", "align (worst)", "rel_err", "sv range", "state"
+        )  # fmt: skip
         for col in columns:
             table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=col == "candidate")
         rows = list(front)
@@ -188,6 +191,7 @@ def _print_report(result: Any) -> None:
             table.add_row(
                 name,
                 _ms(p["time_s"]),
+                sure.get(role, {}).get(p["label"], "-"),
                 f"{p['alignment']:.4f}",
                 f"{p['alignment_worst']:.4f}",
                 f"{p['rel_err']:.3f}",
@@ -203,6 +207,9 @@ def _print_report(result: Any) -> None:
         )
     for note in result.meta.get("notes", []):
         console.print(styled(("note:", "yellow"), f" {note}"))
+    line, loaded = _timing_line(result)
+    if line:
+        console.print(styled(("note:", "yellow"), f" {line}") if loaded else line)
     if summary.get("speedup") is not None:
         short = f"; {len(summary['short_of_target'])} layers short of it" if summary["short_of_target"] else ""
         console.print(
@@ -227,6 +234,55 @@ def _print_report(result: Any) -> None:
             + ("" if benched else " (no momentum_rank benched)")
         )
     console.print(f"bench took {result.meta['wall_s']:.1f} s")
+
+
+def _certainty_by_role(result: Any) -> dict[str, dict[str, str]]:
+    """role -> label -> the least sure grade of that candidate's timings over the role's shapes (with "re" when
+    one was re-measured): a role's time/step sums its shapes, so it is only as sure as the worst of them."""
+    from ..bench.cost import CERTAINTIES as GRADES
+
+    shapes: dict[str, set[tuple[int, int]]] = {}
+    for layer in result.layers:
+        shapes.setdefault(layer["role"], set()).add(tuple(layer["matrix_shape"]))
+    out: dict[str, dict[str, str]] = {}
+    for role, wanted in shapes.items():
+        worst: dict[str, int] = {}
+        again: set[str] = set()
+        for cost in result.costs:
+            grade = cost.timing.certainty if cost.timing is not None and cost.shape in wanted else None
+            if grade is None:
+                continue
+            worst[cost.label] = min(worst.get(cost.label, len(GRADES)), GRADES.index(grade))
+            if cost.timing.remeasured:
+                again.add(cost.label)
+        out[role] = {label: GRADES[g] + (", re" if label in again else "") for label, g in worst.items()}
+    return out
+
+
+def _timing_line(result: Any) -> tuple[str | None, bool]:
+    """One line on how sure the timings are and how busy the machine was; True when it was loaded."""
+    from ..bench.cost import CERTAINTIES as GRADES
+
+    graded = [c.timing for c in result.costs if c.timing is not None and c.timing.certainty is not None]
+    load = result.meta.get("load") or {}
+    if not graded:
+        return None, False
+    counts = {g: sum(t.certainty == g for t in graded) for g in reversed(GRADES)}
+    again = sum(t.remeasured for t in graded)
+    line = (
+        "timing certainty (rounds, IQR/median): " + ", ".join(f"{n} {g}" for g, n in counts.items())
+        + f"; {again} re-measured"
+    )  # fmt: skip
+    before, after, cpus = load.get("loadavg_before"), load.get("loadavg_after"), load.get("usable_cpus")
+    loaded = False
+    if before and after and cpus:
+        loaded = max(before[0], after[0]) > cpus
+        line += f"; load {before[0]:g} -> {after[0]:g} on {cpus} CPUs, {load.get('torch_threads')} torch threads"
+        if load.get("steal_fraction"):
+            line += f", {load['steal_fraction']:.0%} stolen"
+        if loaded:
+            line += ": the machine was busy, re-run bench on a quieter one to trust close calls"
+    return line, loaded
 
 
 def _ms(seconds: float | None) -> str:
