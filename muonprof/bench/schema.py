@@ -50,7 +50,9 @@ class CostEntry(StrictModel):
     count: PositiveInt = Field(..., description="Benched layers of this shape.")
     batch: PositiveInt = Field(..., description="Matrices per timed call: 1 on CPU, count on accelerators.")
     time_s: TimingEntry | None = Field(None, description="The timing; null when skipped.")
-    spread: NonNegativeFloat | None = Field(None, description="(p90 - p10) / median of the timing.")
+    spread: NonNegativeFloat | None = Field(
+        None, description="Relative IQR of the samples, (q3 - q1) / median (bench/1 files: (p90 - p10) / median)."
+    )
     per_layer_s: Seconds = None
     bucket_s: Seconds = None
     state_bytes: NonNegativeInt = Field(..., description="Muon optimizer state of one layer under the candidate.")
@@ -59,12 +61,17 @@ class CostEntry(StrictModel):
     skipped: str | None = Field(None, description="Why the candidate was not timed.")
     shared_from: str | None = Field(None, description="The label whose timing this one reuses.")
     # Optional figures of the robust timing (interleaved rounds, quartiles, re-measurement of noisy ones).
+    time_estimate_s: Seconds = Field(None, description="The figure bench uses: the estimator's value (else median).")
+    estimator: Literal["min", "p10", "q1", "median"] | None = Field(
+        None, description="Which statistic of the interleaved samples time_estimate_s is."
+    )
     rounds: NonNegativeInt | None = Field(None, description="Interleaved timing rounds this timing took part in.")
     time_q1_s: Seconds = Field(None, description="First quartile of the per-call seconds.")
     time_q3_s: Seconds = Field(None, description="Third quartile of the per-call seconds.")
     remeasured: StrictBool | None = Field(None, description="Timed again because the first timing was too noisy.")
-    certainty: float | None = Field(
-        None, ge=0, le=1, description="How sure the ranking against the baseline is, in [0, 1]."
+    certainty: Literal["high", "medium", "low"] | None = Field(
+        None,
+        description="high: >= 5 samples, spread <= 0.10; medium: >= 3 samples, spread <= 0.25; low: otherwise.",
     )
 
     @field_validator("config")
