@@ -67,3 +67,34 @@ def depthwise_names(model: nn.Module) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
     ]
+
+
+def adamw_profile(lr_scale: float = 1.0, **overrides: int) -> dict[str, object]:
+    """A profile that sends ``build(**overrides)``'s depthwise convs to AdamW (its lr x ``lr_scale``), the rest as
+    routed: ``validate --profile`` then races depthwise -> AdamW against the default (depthwise -> Muon)."""
+    if lr_scale <= 0:
+        raise ValueError(f"lr_scale must be > 0, got {lr_scale}")
+    layers = {name: {"optimizer": "adamw", "lr_scale": lr_scale} for name in depthwise_names(build(**overrides))}
+    return {"format": "muonprof.profile/1", "layers": layers}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.benchmarks.dwconv_model OUT.json [--lr-scale X]``: write ``adamw_profile``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--lr-scale", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    try:
+        profile = adamw_profile(args.lr_scale)
+    except ValueError as err:
+        parser.error(str(err))
+    with open(args.out, "w", encoding="utf-8") as fh:
+        json.dump(profile, fh, indent=1)
+    print(f"wrote {args.out}: {len(profile['layers'])} depthwise convs -> AdamW (lr x {args.lr_scale:g})")  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
