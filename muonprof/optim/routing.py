@@ -26,8 +26,9 @@ IN_OUT = "in_out"  # a weight stored as (fan_in, fan_out), the transpose of nn.L
 ONE_WIDE = "token / 1-wide (orthogonalizing would only normalize it)"
 # Depthwise convs (groups == in_channels): a bank of C independent k x k filters, seen by Muon as a (C, k^2)
 # matrix. Debated (a filter bank, not a channel map); measured on a depthwise-separable CNN with `validate`
-# over 3 paired seeds, Muon beat AdamW on them clearly (README's routing table has the numbers), so they stay.
-DEPTHWISE = "depthwise conv (flattened to (C, k*k); Muon measured better than AdamW on these, see README)"
+# over 3 paired seeds, AdamW on them was worse at its group lr (+0.20 nats) and inconclusive at 10x (+0.03 ± 0.10):
+# never non-inferior, so they stay on Muon (README's routing table has the numbers and the command).
+DEPTHWISE = "depthwise conv (flattened to (C, k*k); AdamW measured not non-inferior on these, see README)"
 LAYOUT_ATTRIBUTE = "muonprof_weight_layout"  # a module may declare its weight's layout: "in_out" or "out_in"
 
 
