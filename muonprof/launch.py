@@ -12,23 +12,32 @@ the parent stays in charge of the workers' lifetime. As torchrun's agent does, t
 rendezvous TCPStore itself (``TORCHELASTIC_USE_AGENT_STORE``) on a port the OS picks, so there is no race
 for a "free" port between choosing it and binding it.
 
-Supervision, so that a failed or interrupted run never leaves processes behind or hangs:
+Supervision, so that a failed or interrupted run never leaves processes behind or hangs. The workers are
+``torch.multiprocessing.start_processes(..., join=False)``; its ``ProcessContext.join`` notices the first
+worker to exit non-zero and stops the others (a grace period, SIGTERM, SIGKILL). What is added here:
 
-- a worker that raises sends a one-line message (``WorkerExit`` carries the message and exit code the
-  target chose; anything else becomes ``rank R: Type: message`` with the traceback kept in the worker's
-  log) and exits; a worker that dies without a word (killed, segfault, ``os._exit``) is noticed by its
-  exit code. Either way the parent terminates the other workers at once (they may be blocked in a
-  collective waiting for the dead one) and raises ``LaunchError`` with that one line and the exit code;
-- workers start with SIGINT ignored: Ctrl-C reaches the parent (KeyboardInterrupt), which terminates them
-  (SIGTERM, then SIGKILL after a grace period) and re-raises; on Linux every worker also asks the kernel
-  to SIGKILL it should the parent die (PR_SET_PDEATHSIG);
-- a worker's stdout and stderr go to a log file (C++ warnings from gloo/NCCL included), not the console;
+- one line per failure: a worker that raises sends a one-line message (``WorkerExit`` carries the message
+  and exit code the target chose; anything else becomes ``rank R: Type: message`` with the traceback kept in
+  the worker's log) before it exits; a worker that dies without a word (killed, segfault, ``os._exit``) is
+  named by its exit status, and it, not the peers that lost their connection to it, is the cause. The
+  parent raises ``LaunchError`` with that line and the exit code;
+- Ctrl-C: workers start with SIGINT ignored, so Ctrl-C reaches the parent only (KeyboardInterrupt), which
+  terminates them (SIGTERM, then SIGKILL after a grace period) and re-raises; on Linux every worker also asks
+  the kernel to SIGKILL it should the parent die (PR_SET_PDEATHSIG; torch's own request is SIGINT, which
+  these workers ignore);
+- rank 0's return value and ``ctx.send`` messages reach the parent over a queue (the library returns none);
+- a worker's stdout and stderr go to one log file (C++ warnings from gloo/NCCL included), not the console;
   the log directory is removed unless a worker failed unexpectedly, in which case the error names it.
+
+Not ``torch.distributed.elastic.multiprocessing``: its context installs process-wide SIGINT/SIGTERM handlers
+that raise its own ``SignalException`` instead of KeyboardInterrupt, logs each failure on the console, and
+writes stdout and stderr to two truncated files per rank.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import shutil
@@ -48,7 +57,6 @@ import torch
 MASTER_ADDR = "127.0.0.1"
 CPU_LIMIT_FLOOR = 2  # CPU ranks allowed even on a one-core machine (slow, but it works)
 GRACE_S = 3.0  # after SIGTERM, before SIGKILL
-ERROR_WAIT_S = 1.0  # how long a dead worker's error message may lag behind its exit code
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
@@ -142,6 +150,7 @@ class _Spec:
     env: dict[str, str]
     log_dir: str
     queue: Any
+    parent_pid: int
 
 
 def launch(
@@ -164,13 +173,13 @@ def launch(
     import multiprocessing as mp
 
     import torch.distributed as dist
+    import torch.multiprocessing as torch_mp
 
     device = torch.device(device)
     backend = check_nproc(nproc, device)
     if not dist.is_available():
         raise LaunchError("this torch build has no torch.distributed", 2)
-    ctx = mp.get_context("spawn")
-    messages = ctx.Queue()
+    messages = mp.get_context("spawn").Queue()  # the context start_processes uses: the queue travels to the workers
     store = dist.TCPStore(MASTER_ADDR, 0, is_master=True, wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT)
     log_dir = tempfile.mkdtemp(prefix="muonprof-launch-")
     env = {
@@ -181,15 +190,16 @@ def launch(
         "GROUP_RANK": "0",
         "TORCHELASTIC_USE_AGENT_STORE": "True",  # connect to the store hosted here, as under torchrun
     }
-    spec = _Spec(target, args, nproc, backend, device.type, threads_per_rank(nproc), env, log_dir, messages)
-    procs = [ctx.Process(target=_worker_main, args=(rank, spec), name=f"muonprof-rank{rank}", daemon=True)
-             for rank in range(nproc)]  # fmt: skip
+    spec = _Spec(target, args, nproc, backend, device.type, threads_per_rank(nproc), env, log_dir, messages,
+                 os.getpid())  # fmt: skip
+    procs: list[Any] = []
     keep_logs = False
     try:
         with _sigint_ignored():  # inherited across exec: the workers never see Ctrl-C
-            for p in procs:
-                p.start()
-        return _supervise(procs, messages, on_message, log_dir, timeout_s)
+            context = torch_mp.start_processes(_worker_main, (spec,), nprocs=nproc, join=False, daemon=True,
+                                               start_method="spawn")  # fmt: skip
+        procs = context.processes
+        return _supervise(context, messages, on_message, log_dir, timeout_s)
     except _Failed as failed:
         keep_logs = failed.keep_logs
         raise LaunchError(failed.message, failed.code) from None
@@ -202,47 +212,81 @@ def launch(
             shutil.rmtree(log_dir, ignore_errors=True)
 
 
+@dataclass
+class _Reports:
+    """What the workers said: rank 0's result, each rank's one-line error in order of arrival."""
+
+    on_message: Callable[[Any], None] | None
+    finished: dict[int, Any] = field(default_factory=dict)
+    errors: dict[int, tuple[str, int, bool]] = field(default_factory=dict)  # rank -> (line, code, unexpected)
+
+    def relay(self, messages: Any, wait_s: float) -> None:
+        """Take everything queued, waiting up to ``wait_s`` for the first item (the loop's only sleep)."""
+        block = wait_s > 0
+        while True:
+            try:
+                kind, rank, *payload = messages.get(block, wait_s if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "message":
+                if self.on_message is not None:
+                    self.on_message(payload[0])
+            elif kind == "done":
+                self.finished[rank] = payload[0]
+            else:
+                self.errors.setdefault(rank, tuple(payload))  # type: ignore[arg-type]
+
+
 def _supervise(
-    procs: list[Any], messages: Any, on_message: Callable[[Any], None] | None, log_dir: str, timeout_s: float | None
+    context: Any, messages: Any, on_message: Callable[[Any], None] | None, log_dir: str, timeout_s: float | None
 ) -> Any:
-    """Relay messages until every worker has finished (-> rank 0's result) or one failed (-> LaunchError)."""
+    """Relay messages until every worker has exited (-> rank 0's result) or one failed (-> _Failed).
+
+    ``ProcessContext.join`` notices the first worker to exit non-zero, lets the others end on their own for
+    GRACE_S (a peer blocked in a collective with the dead one usually errors out), then SIGTERMs and at last
+    SIGKILLs them; a worker's report reaches the queue before its exit does, so after the join the reports
+    are complete and the cause can be chosen from them.
+    """
+    from torch.multiprocessing.spawn import ProcessException
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    finished: dict[int, Any] = {}
-    dead_since: dict[int, float] = {}
+    reports = _Reports(on_message)
     while True:
+        reports.relay(messages, wait_s=0.05)
         try:
-            kind, rank, *payload = messages.get(timeout=0.05)
-        except queue.Empty:
-            kind = None
-        if kind == "message":
-            if on_message is not None:
-                on_message(payload[0])
-        elif kind == "done":
-            finished[rank] = payload[0]
-        elif kind == "error":
-            message, code, unexpected = payload
-            # A peer that died without a word (killed, os._exit, segfault) is the cause, and this rank's
-            # error (typically "connection reset by peer" from gloo) the consequence: its socket closed
-            # only when it exited, so its exit status is already there to be seen.
-            for other, p in enumerate(procs):
-                if other != rank and other not in finished and p.exitcode not in (None, 0):
-                    raise _Failed(_death(other, p.exitcode, log_dir), 1, keep_logs=True)
-            if unexpected:
-                message += f" (worker log: {os.path.join(log_dir, f'rank{rank}.log')})"
-            raise _Failed(message, code, keep_logs=unexpected)
-        if kind is not None:
-            continue  # drain everything queued before looking at exit codes
-        if len(finished) == len(procs):
-            return finished[0]
-        now = time.monotonic()
-        for rank, p in enumerate(procs):
-            if p.exitcode is None or rank in finished:
-                continue
-            # Exited without its "done" (or before its error message arrived): give the queue a moment.
-            if now - dead_since.setdefault(rank, now) > ERROR_WAIT_S:
-                raise _Failed(_death(rank, p.exitcode, log_dir), 1, keep_logs=True)
-        if deadline is not None and now > deadline:
-            raise LaunchError(f"the {len(procs)} workers did not finish within {timeout_s:g} s (stopped them)")
+            with _quiet("torch.multiprocessing.spawn"):  # its "Terminating process ..." warnings: the cause says it
+                all_exited = context.join(timeout=0, grace_period=GRACE_S)
+        except ProcessException as failure:
+            reports.relay(messages, wait_s=0)
+            raise _cause(failure.error_index, context.processes, reports.errors, log_dir) from None
+        if all_exited:
+            reports.relay(messages, wait_s=0)
+            if 0 not in reports.finished:  # a target that ended its process itself, with status 0
+                raise _Failed(f"worker rank 0 exited without a result{_log_note(0, log_dir)}", 1, keep_logs=True)
+            return reports.finished[0]
+        if deadline is not None and time.monotonic() > deadline:
+            raise LaunchError(
+                f"the {len(context.processes)} workers did not finish within {timeout_s:g} s (stopped them)"
+            )
+
+
+def _cause(first: int, procs: list[Any], errors: dict[int, tuple[str, int, bool]], log_dir: str) -> _Failed:
+    """The one line for a failed run: a worker that died without a word, else the first one that reported.
+
+    A rank that died silently (killed, ``os._exit``, segfault) is the cause, and its peers' errors (typically
+    "connection reset by peer" from gloo) the consequence, even when both exits are seen in the same poll.
+    SIGTERM exits are the ones ``ProcessContext.join`` sent while stopping the others, so they are not causes.
+    """
+    silent = [r for r, p in enumerate(procs) if r not in errors and p.exitcode not in (None, 0, -signal.SIGTERM)]
+    if silent:
+        rank = first if first in silent else silent[0]
+        return _Failed(_death(rank, procs[rank].exitcode, log_dir), 1, keep_logs=True)
+    if errors:
+        rank = next(iter(errors))  # the first to report (queue order)
+        message, code, unexpected = errors[rank]
+        return _Failed(message + (_log_note(rank, log_dir) if unexpected else ""), code, keep_logs=unexpected)
+    return _Failed(_death(first, procs[first].exitcode, log_dir), 1, keep_logs=True)
 
 
 def _death(rank: int, exitcode: int, log_dir: str) -> str:
@@ -253,7 +297,11 @@ def _death(rank: int, exitcode: int, log_dir: str) -> str:
             how = f"was killed by signal {-exitcode}"
     else:
         how = f"exited with code {exitcode}"
-    return f"worker rank {rank} {how} (worker log: {os.path.join(log_dir, f'rank{rank}.log')})"
+    return f"worker rank {rank} {how}{_log_note(rank, log_dir)}"
+
+
+def _log_note(rank: int, log_dir: str) -> str:
+    return f" (worker log: {os.path.join(log_dir, f'rank{rank}.log')})"
 
 
 class _Failed(LaunchError):
@@ -263,15 +311,17 @@ class _Failed(LaunchError):
 
 
 def _stop(procs: list[Any]) -> None:
-    """Terminate every live worker (SIGTERM, then SIGKILL after GRACE_S) and reap them all."""
+    """Terminate every live worker (SIGTERM, then SIGKILL after GRACE_S) and reap them all.
+
+    For Ctrl-C, a timeout or a failing ``on_message``: ``ProcessContext`` stops the others only when a worker
+    fails, and has no call for stopping them otherwise.
+    """
     for p in procs:
-        if p.pid is not None and p.exitcode is None:
+        if p.exitcode is None:
             with contextlib.suppress(OSError):
                 p.terminate()
     deadline = time.monotonic() + GRACE_S
     for p in procs:
-        if p.pid is None:
-            continue
         p.join(max(0.0, deadline - time.monotonic()))
         if p.exitcode is None:
             with contextlib.suppress(OSError):
@@ -291,13 +341,30 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Drop a library logger's warnings for the block (the console gets one line per failure, ours)."""
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 # ----------------------------------------------------------------------------------------------- worker
 
 
 def _worker_main(rank: int, spec: _Spec) -> None:
-    """A worker's whole life: environment, logs, process group, the target, one report to the parent."""
+    """A worker's whole life: environment, logs, process group, the target, one report to the parent.
+
+    Called by ``torch.multiprocessing``'s wrapper as ``fn(rank, *args)``. It reports every outcome itself
+    (the wrapper's error file carries only a traceback, not the one line and exit code a target chose) and
+    ends with ``os._exit``, so the wrapper's own handling never runs.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(spec.parent_pid)
     _redirect_output(os.path.join(spec.log_dir, f"rank{rank}.log"))
     os.environ.update(spec.env, RANK=str(rank), LOCAL_RANK=str(rank))
     code = 0
@@ -333,19 +400,24 @@ def _worker_main(rank: int, spec: _Spec) -> None:
     os._exit(code)  # no interpreter teardown: nothing left to run, and it must not block on a dead peer
 
 
-def _die_with_parent() -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(Exception):
-        import ctypes
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this worker when the parent dies (Linux; a no-op elsewhere).
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
+    torch's wrapper asks for SIGINT, which these workers ignore, so ask again for SIGKILL.
+    """
+    from torch.multiprocessing import _prctl_pr_set_pdeathsig
+
+    _prctl_pr_set_pdeathsig(int(signal.SIGKILL))
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _redirect_output(path: str) -> None:
+    """Both streams, Python's and C++'s (gloo, NCCL), into one per-rank log.
+
+    Not ``torch.distributed.elastic.multiprocessing.redirects``: it opens a file per stream with truncation,
+    so stdout and stderr could not share the one file whose name the error line gives.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()

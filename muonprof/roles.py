@@ -14,7 +14,7 @@ import re
 
 from torch import nn
 
-from .optim.routing import ONE_WIDE, TRACED_INPUT, TRACED_OUTPUT, TRACED_TABLE, route_module
+from .optim.routing import DEPTHWISE, ONE_WIDE, TRACED_INPUT, TRACED_OUTPUT, TRACED_TABLE, route_module
 
 ROLES = (
     "attn_q",
@@ -54,6 +54,7 @@ _ROUTE_ROLES = {
     "vector (gain/bias)": "vector",
     "input conv (stem / patch embedding)": "stem",
     "conv (flattened)": "conv",
+    DEPTHWISE: "conv",
     ONE_WIDE: "embedding",  # a learned token or latent query is a (tiny) table, not a map
     TRACED_TABLE: "embedding",
     TRACED_INPUT: "stem",

@@ -161,6 +161,47 @@ def test_worker_crash_stops_the_others_without_hanging(tmp_path: Path, monkeypat
     assert log.parent.parent == tmp_path and log.name == "rank1.log"
 
 
+def _raise_on_rank_1(ctx: WorkerContext) -> None:
+    if ctx.rank == 1:
+        raise RuntimeError("boom\nsecond line")
+    dist.barrier()
+
+
+def _sigkill_rank_1(ctx: WorkerContext) -> None:
+    if ctx.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
+def _exit_while_rank_0_raises(ctx: WorkerContext) -> None:
+    dist.barrier()
+    if ctx.rank == 1:
+        os._exit(3)
+    raise ValueError("lost my peer")  # at about the same moment: both exits are seen in one poll
+
+
+@pytest.mark.parametrize(
+    ("target", "line", "logged"),
+    [
+        (_raise_on_rank_1, "rank 1: RuntimeError: boom; second line (worker log: ", "RuntimeError: boom"),
+        (_sigkill_rank_1, "worker rank 1 was killed by SIGKILL (worker log: ", ""),
+        (_exit_while_rank_0_raises, "worker rank 1 exited with code 3 (worker log: ", ""),
+    ],
+    ids=["raises", "sigkill", "silent-death-beats-peer-error"],
+)
+def test_worker_failure_is_one_line_naming_rank_and_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           target: Any, line: str, logged: str) -> None:  # fmt: skip
+    """The line names the rank that caused the failure and why; a raising worker's traceback is in its log."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(LaunchError) as info:
+        launch(target, nproc=2, timeout_s=60)
+    assert info.value.message.startswith(line) and "\n" not in info.value.message and info.value.code == 1
+    log = Path(info.value.message.split("worker log: ")[1].rstrip(")"))
+    assert log.is_file() and logged in log.read_text()
+    if logged:
+        assert "Traceback (most recent call last)" in log.read_text()
+
+
 def test_keyboard_interrupt_in_the_parent_stops_every_worker() -> None:
     pids: list[int] = []
 

@@ -28,7 +28,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,80 @@ from ..optim.routing import route_module
 from ..profile import fingerprint
 from ..roles import classify_roles
 from .artifact import CaptureRecord, LayerRecord, Spectra, save_spectra
-from .run import _capture_once, _device_meta, _sync
 from .window import WINDOW_BYTES, WindowRecorder
+
+
+def batched_svdvals(matrices: list[Tensor]) -> list[Tensor]:
+    """Singular values (descending, float32, on CPU) of each matrix; one batched call per distinct shape."""
+    out: list[Tensor | None] = [None] * len(matrices)
+    by_shape: dict[tuple[tuple[int, ...], torch.device], list[int]] = defaultdict(list)
+    for i, m in enumerate(matrices):
+        by_shape[(tuple(m.shape), m.device)].append(i)
+    for indices in by_shape.values():
+        stack = torch.stack([matrices[i].float() for i in indices])
+        if stack.shape[-2] < stack.shape[-1]:
+            stack = stack.mT  # LAPACK's tall path (QR first) is the fast one; the values are the same
+        values = torch.linalg.svdvals(stack).cpu()
+        for row, i in enumerate(indices):
+            out[i] = values[row]
+    return [v for v in out if v is not None]
+
+
+def _capture_once(
+    step: int,
+    loss: float,
+    named: list[tuple[str, torch.nn.Parameter]],
+    buffer_of: Callable[[str, Tensor], Tensor],
+    momentum: float,
+    *,
+    keep: bool = False,
+) -> tuple[CaptureRecord, dict[str, dict[str, Tensor]] | None]:
+    """Singular values of every layer's G and M = lerp(G, B, mu) at this step (with ``keep``: G, M too)."""
+    grads, moms, names = [], [], []
+    with torch.no_grad():
+        for name, p in named:
+            # An unused parameter's gradient is zero (torch leaves it None): record that truthfully.
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            g = grad.reshape(matrix_shape(tuple(p.shape)))
+            m = g.lerp(buffer_of(name, p).reshape(g.shape).to(g.dtype), momentum)
+            names.append(name)
+            grads.append(g)
+            moms.append(m)
+        values = batched_svdvals(grads + moms)
+    record = CaptureRecord(
+        step=step,
+        loss=loss,
+        grad=dict(zip(names, values[: len(names)])),
+        momentum=dict(zip(names, values[len(names) :])),
+    )
+    if not keep:
+        return record, None
+    mats = {
+        "grad": {n: g.detach().float().cpu().clone() for n, g in zip(names, grads)},
+        "momentum": {n: m.detach().float().cpu().clone() for n, m in zip(names, moms)},
+    }
+    return record, mats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_meta(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return {"type": device.type, "name": name, "threads": torch.get_num_threads()}
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -78,6 +151,8 @@ class SpectrumRecorder:
             ``package.module:factory`` spec (a factory returning the model, its batches and loss) so that
             ``muonprof tune FILE.spectra.pt`` can rebuild and train it; ``muonprof bench`` needs no more than the
             artifact.
+        keep_matrices_at: at this capture step also keep every recorded G and M (float32, on CPU) in the
+            artifact (``Spectra.matrices``): bench's column-selection candidates need the real matrices.
     """
 
     def __init__(
@@ -94,6 +169,7 @@ class SpectrumRecorder:
         window_bytes: int = WINDOW_BYTES,
         layers: str = "muon",
         name: str | None = None,
+        keep_matrices_at: int | None = None,
     ) -> None:
         if capture_steps is None and every < 1:
             raise ValueError(f"every must be at least 1, got {every}")
@@ -163,6 +239,9 @@ class SpectrumRecorder:
             )
         self.records: list[CaptureRecord] = []
         self.losses: list[float] = []
+        self.keep_matrices_at = keep_matrices_at
+        self.matrices: dict[str, dict[str, Tensor]] | None = None
+        self.matrices_step: int | None = None
         self.record_s = 0.0  # time inside record(), captures included: the recorder's whole cost to the loop
         self.capture_s = 0.0
         self.steps_seen = 0
@@ -210,11 +289,17 @@ class SpectrumRecorder:
                     current[n] = self._previous_buffer(n, p).lerp(p.grad.to(p.dtype), 1 - self.momentum)
 
             def buffer_of(name: str, p: Tensor) -> Tensor:
-                return self.shadow[name] if name in self.shadow else current.get(name, torch.zeros_like(p))
+                if name in self.shadow:
+                    return self.shadow[name]
+                # A layer without a gradient is not stepped: its buffer stays B_{t-1}.
+                return current[name] if name in current else self._previous_buffer(name, p)
 
             capture_start = time.perf_counter()
-            record, _ = _capture_once(step, value, self.named, buffer_of, self.momentum)
+            keep = step == self.keep_matrices_at
+            record, matrices = _capture_once(step, value, self.named, buffer_of, self.momentum, keep=keep)
             self.records.append(record)
+            if matrices is not None:
+                self.matrices, self.matrices_step = matrices, step
             _sync(self.device)
             self.capture_s += time.perf_counter() - capture_start
         self.record_s += time.perf_counter() - start
@@ -261,7 +346,13 @@ class SpectrumRecorder:
         if self.window is not None and self.window.momentum:
             window = self.window.result()
         return Spectra(
-            meta=meta, layers=self.layers, captures=list(self.records), losses=list(self.losses), window=window
+            meta=meta,
+            layers=self.layers,
+            captures=list(self.records),
+            losses=list(self.losses),
+            matrices=self.matrices,
+            matrices_step=self.matrices_step,
+            window=window,
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -2,29 +2,29 @@
 
 M is what Muon orthogonalizes: the Nesterov combination ``lerp(G, B, mu)`` of the gradient and the
 updated momentum buffer ``B <- lerp(B, G, 1 - mu)``. For layers that ProfiledMuon updates with Muon it is
-read from the optimizer's own buffer; for the others (embeddings, the head, or everything under
+computed from the optimizer's own buffer; for the others (embeddings, the head, or everything under
 ``optimizer="adamw"``) a shadow buffer with the same recurrence is kept, so the spectra say what Muon would
 see on that layer in this very run.
 
-Capture stays off the training step except at the capture steps: the shadow buffers are one fused lerp
-per step; the singular values are computed only at capture steps, batched over same-shape matrices
-(``torch.linalg.svdvals`` on a stack: one LAPACK/cuSOLVER call per shape instead of one per layer).
+``capture_spectra`` owns the training loop (built-in data, the optimizer, the burn-in, the metadata); the
+recording itself is a ``SpectrumRecorder`` called once per step, the same one a user attaches to their own
+loop, so both give the same artifact. Capture stays off the training step except at the capture steps: the
+shadow buffers are one fused lerp per step; the singular values are computed only at capture steps, batched
+over same-shape matrices (``torch.linalg.svdvals`` on a stack: one LAPACK/cuSOLVER call per shape).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import torch
-from torch import Tensor
 
 from .._version import __version__
 from ..interrupts import raise_if_interrupted
@@ -32,10 +32,11 @@ from ..lr_rules import matrix_shape
 from ..optim import ProfiledMuon
 from ..optim.routing import route_module
 from ..profile import fingerprint
-from ..roles import classify_roles
 from ..workload import Workload
-from .artifact import CaptureRecord, LayerRecord, Spectra
-from .window import MAX_WINDOW, WINDOW_BYTES, WindowRecorder
+from .artifact import Spectra
+from .recorder import SpectrumRecorder, _device_meta, _sync
+from .recorder import batched_svdvals as batched_svdvals  # its home before the recorder took the capture
+from .window import MAX_WINDOW, WINDOW_BYTES
 
 MUON_LR = 0.02
 ADAMW_LR = 1e-3
@@ -112,22 +113,6 @@ def matrix_parameters(workload: Workload) -> list[tuple[str, torch.nn.Parameter]
     ]
 
 
-def batched_svdvals(matrices: list[Tensor]) -> list[Tensor]:
-    """Singular values (descending, float32, on CPU) of each matrix; one batched call per distinct shape."""
-    out: list[Tensor | None] = [None] * len(matrices)
-    by_shape: dict[tuple[tuple[int, ...], torch.device], list[int]] = defaultdict(list)
-    for i, m in enumerate(matrices):
-        by_shape[(tuple(m.shape), m.device)].append(i)
-    for indices in by_shape.values():
-        stack = torch.stack([matrices[i].float() for i in indices])
-        if stack.shape[-2] < stack.shape[-1]:
-            stack = stack.mT  # LAPACK's tall path (QR first) is the fast one; the values are the same
-        values = torch.linalg.svdvals(stack).cpu()
-        for row, i in enumerate(indices):
-            out[i] = values[row]
-    return [v for v in out if v is not None]
-
-
 def capture_spectra(
     workload: Workload,
     *,
@@ -164,78 +149,38 @@ def capture_spectra(
     if not named:
         raise CaptureError(f"model {workload.spec!r} has no matrix parameters to capture (only vectors/scalars)")
     device = next(iter(named))[1].device
-    roles = classify_roles(model)
     opt, routes, base_lr = _build_optimizer(model, optimizer, lr, momentum, seed)
-    layers = [
-        LayerRecord(
-            name=name,
-            shape=tuple(p.shape),
-            matrix_shape=matrix_shape(tuple(p.shape)),
-            role=roles.get(name, "linear"),
-            optimizer=routes.get(name, "adamw"),
-        )
-        for name, p in named
-    ]
-    # Shadow momentum for the matrices Muon does not update in this run (see the module docstring).
-    shadow = {name: torch.zeros_like(p) for name, p in named if routes.get(name) != "muon"}
-    shadow_params = [p for name, p in named if name in shadow]
-    shadow_bufs = list(shadow.values())
-
-    def buffer_of(name: str, p: Tensor) -> Tensor:
-        """The momentum buffer B Muon keeps for ``p`` (a Muon layer before its first step has none: 0)."""
-        buf = shadow[name] if name in shadow else opt.state.get(p, {}).get("momentum_buffer")
-        return buf if buf is not None else torch.zeros_like(p)
-
-    recorder = None
-    if window:
-        muon_named = [(n, p) for n, p in named if _muon_routed(model, routes, optimizer).get(n)]
-        recorder = WindowRecorder(
-            [layer for layer in layers if any(n == layer.name for n, _ in muon_named)],
-            dict(muon_named),
-            start_step=total - window + 1,
-            length=window,
-            byte_cap=window_bytes,
-        )
+    # Every matrix (layers="all"), M from this run's momentum; the window over the Muon-routed layers.
+    recorder = SpectrumRecorder(
+        model,
+        opt,
+        capture_steps=when,
+        momentum=momentum,
+        window=window,
+        total_steps=total,
+        window_bytes=window_bytes,
+        layers="all",
+        keep_matrices_at=total if save_matrices else None,
+    )
 
     timings = CaptureTimings()
-    records: list[CaptureRecord] = []
-    losses: list[float] = []
-    matrices: dict[str, dict[str, Tensor]] | None = None
     model.train()
     for step in range(1, total + 1):
         raise_if_interrupted()
-        start = time.perf_counter()
+        start, capture_before = time.perf_counter(), recorder.capture_s
         opt.zero_grad(set_to_none=True)
         loss = workload.loss(workload.train_batch(step - 1))
         loss.backward()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise CaptureError(f"the training loss became {value} at step {step}; try a lower --lr")
-        if recorder is not None:
-            recorder.record(step, buffer_of)  # before opt.step(): the buffer is still the previous step's
+        recorder.record(step, value)  # before opt.step(): G and B_{t-1} as the optimizer is about to use them
         opt.step()
-        grads_ok = [p for p in shadow_params if p.grad is not None]
-        if grads_ok:
-            with torch.no_grad():
-                torch._foreach_lerp_(
-                    [shadow_bufs[i] for i, p in enumerate(shadow_params) if p.grad is not None],
-                    [p.grad for p in grads_ok],
-                    1 - momentum,
-                )
         _sync(device)
-        timings.train_s += time.perf_counter() - start
-        losses.append(value)
-
-        if step in when:
-            start = time.perf_counter()
-            record, mats = _capture_once(step, value, named, buffer_of, momentum, keep=save_matrices and step == total)
-            records.append(record)
-            if mats is not None:
-                matrices = mats
-            _sync(device)
-            timings.capture_s += time.perf_counter() - start
+        timings.train_s += time.perf_counter() - start - (recorder.capture_s - capture_before)
         if on_step is not None:
             on_step(step, value)
+    timings.capture_s = recorder.capture_s
 
     meta = {
         "model": workload.describe(),
@@ -253,17 +198,19 @@ def capture_spectra(
         "versions": {"muonprof": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command or " ".join(sys.argv),
-        "timings": timings.to_dict(total, len(records)),
+        "timings": timings.to_dict(total, len(recorder.records)),
         "routes": {name: reason for name, (_, reason) in route_module(model).items()},
     }
     return Spectra(
         meta=meta,
-        layers=layers,
-        captures=records,
-        losses=losses,
-        matrices=matrices,
-        matrices_step=total if matrices is not None else None,
-        window=recorder.result() if recorder is not None else None,
+        # Labelled with this run's optimizer (all "adamw" under optimizer="adamw"), not the routes ProfiledMuon
+        # would give them as the recorder labels another optimizer's layers: bench prices the "muon" ones.
+        layers=[dataclasses.replace(layer, optimizer=routes.get(layer.name, "adamw")) for layer in recorder.layers],
+        captures=recorder.records,
+        losses=recorder.losses,
+        matrices=recorder.matrices,
+        matrices_step=recorder.matrices_step,
+        window=recorder.window.result() if recorder.window is not None else None,
     )
 
 
@@ -281,67 +228,3 @@ def _build_optimizer(
         adamw = torch.optim.AdamW(trainable, lr=base_lr, betas=(0.9, 0.95), weight_decay=0.0)
         return adamw, {name: "adamw" for name, _ in model.named_parameters()}, base_lr
     raise ValueError(f"--optimizer must be muon or adamw, got {optimizer!r}")
-
-
-def _muon_routed(model: torch.nn.Module, routes: dict[str, str], optimizer: str) -> dict[str, bool]:
-    """The layers Muon orthogonalizes: this run's routes, or under AdamW the ones ProfiledMuon would route."""
-    if optimizer == "muon":
-        return {name: route == "muon" for name, route in routes.items()}
-    return {name: route == "muon" for name, (route, _) in route_module(model).items()}
-
-
-def _capture_once(
-    step: int,
-    loss: float,
-    named: list[tuple[str, torch.nn.Parameter]],
-    buffer_of: Callable[[str, Tensor], Tensor],
-    momentum: float,
-    *,
-    keep: bool = False,
-) -> tuple[CaptureRecord, dict[str, dict[str, Tensor]] | None]:
-    """Singular values of every layer's G and M = lerp(G, B, mu) at this step (with ``keep``: G, M too)."""
-    grads, moms, names = [], [], []
-    with torch.no_grad():
-        for name, p in named:
-            # An unused parameter's gradient is zero (torch leaves it None): record that truthfully.
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            g = grad.reshape(matrix_shape(tuple(p.shape)))
-            m = g.lerp(buffer_of(name, p).reshape(g.shape).to(g.dtype), momentum)
-            names.append(name)
-            grads.append(g)
-            moms.append(m)
-        values = batched_svdvals(grads + moms)
-    record = CaptureRecord(
-        step=step,
-        loss=loss,
-        grad=dict(zip(names, values[: len(names)])),
-        momentum=dict(zip(names, values[len(names) :])),
-    )
-    if not keep:
-        return record, None
-    mats = {
-        "grad": {n: g.detach().float().cpu().clone() for n, g in zip(names, grads)},
-        "momentum": {n: m.detach().float().cpu().clone() for n, m in zip(names, moms)},
-    }
-    return record, mats
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_meta(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as fh:
-                for line in fh:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-    return {"type": device.type, "name": name, "threads": torch.get_num_threads()}

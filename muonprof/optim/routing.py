@@ -24,6 +24,11 @@ IN_OUT = "in_out"  # a weight stored as (fan_in, fan_out), the transpose of nn.L
 # A (1, n) or (n, 1) "matrix" (timm's cls/reg/dist tokens (1, k, D), a latent query (1, L, D), a scalar-output
 # head (1, D)): its polar factor is g / ||g||, so Muon would only normalize it; AdamW treats it per entry.
 ONE_WIDE = "token / 1-wide (orthogonalizing would only normalize it)"
+# Depthwise convs (groups == in_channels): a bank of C independent k x k filters, seen by Muon as a (C, k^2)
+# matrix. Debated (a filter bank, not a channel map); measured on a depthwise-separable CNN with `validate`
+# over 3 paired seeds, AdamW on them was worse at its group lr (+0.20 nats) and inconclusive at 10x (+0.03 ± 0.10):
+# never non-inferior, so they stay on Muon (README's routing table has the numbers and the command).
+DEPTHWISE = "depthwise conv (flattened to (C, k*k); AdamW measured not non-inferior on these, see README)"
 LAYOUT_ATTRIBUTE = "muonprof_weight_layout"  # a module may declare its weight's layout: "in_out" or "out_in"
 
 
@@ -67,15 +72,13 @@ def route_module(model: nn.Module, usage: Mapping[str, ParameterUse] | None = No
         elif not isinstance(module, (nn.Linear, *_CONV)) and POSITION_NAME.search(full):
             routes[full] = ("adamw", "embedding")  # a raw position table or class token
         elif usage is not None and full in usage and id(p) not in embedding_params:
-            routes[full] = _route_from_use(usage[full], isinstance(module, _CONV))
+            routes[full] = _route_from_use(usage[full], _muon_reason(module))
         elif isinstance(module, nn.Linear) and pname == "weight" and id(module) in heads:
             routes[full] = ("adamw", heads[id(module)])
         elif isinstance(module, _CONV) and module is first_conv and pname == "weight":
             routes[full] = ("adamw", "input conv (stem / patch embedding)")
-        elif isinstance(module, _CONV):
-            routes[full] = ("muon", "conv (flattened)")
         else:
-            routes[full] = ("muon", "hidden matrix")
+            routes[full] = ("muon", _muon_reason(module))
     return routes
 
 
@@ -84,14 +87,23 @@ TRACED_INPUT = "input layer (the first matrix the input meets in the forward pas
 TRACED_OUTPUT = "output layer (its result reaches the output with no matrix in between)"
 
 
-def _route_from_use(use: ParameterUse, conv: bool) -> tuple[str, str]:
+def _route_from_use(use: ParameterUse, muon_reason: str) -> tuple[str, str]:
     if use.table:
         return ("adamw", TRACED_TABLE)
     if use.output_layer:
         return ("adamw", TRACED_OUTPUT)
     if use.input_layer:
         return ("adamw", TRACED_INPUT)
-    return ("muon", "conv (flattened)" if conv else "hidden matrix")
+    return ("muon", muon_reason)
+
+
+def _muon_reason(module: nn.Module) -> str:
+    """Why a hidden matrix of ``module`` goes to Muon: what ``describe()`` shows."""
+    if not isinstance(module, _CONV):
+        return "hidden matrix"
+    if module.groups > 1 and module.groups == module.in_channels:
+        return DEPTHWISE
+    return "conv (flattened)"
 
 
 def _find_heads(

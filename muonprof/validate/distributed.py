@@ -70,7 +70,7 @@ class DistributedRun:
             "nproc": self.world_size,
             "world_size": self.world_size,
             "backend": self.backend,
-            "launcher": "muonprof.launch (multiprocessing spawn, torchrun environment)",
+            "launcher": "muonprof.launch (torch.multiprocessing.start_processes, spawn; torchrun environment)",
             "data_parallel": "torch.nn.parallel.DistributedDataParallel",
             "global_batch_size": global_batch,
             "per_rank_batch_size": None if global_batch is None else global_batch // self.world_size,
