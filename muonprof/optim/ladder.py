@@ -8,8 +8,9 @@ numbers) and hands each to ``decide``. The rules (``profile.schema.Ladder``):
 - down one rung after ``patience`` consecutive measurements at or above ``floor + margin``;
 - a descent is on probation for ``patience`` measurements: if the cheaper rung falls below the floor within
   them, the layer climbs back and the next descent needs twice the patience (``failures`` doubles it each
-  time, and resets once a descent holds, or when a rung that had held falls: the spectrum moved). On a stationary spectrum where the cheaper rung is not good enough
-  the layer therefore tries it after p, 2p, 4p, ... measurements: O(log t) moves, not a flap every p + 1.
+  time, and resets once a descent holds, or when a rung that had held falls: the spectrum moved). On a
+  stationary spectrum where the cheaper rung is not good enough the layer therefore tries it after p, 2p,
+  4p, ... measurements: O(log t) moves, not a flap every p + 1.
 
 Everything here is plain Python on host numbers: it is what ``state_dict`` saves, so a resumed run takes
 the same decisions as an uninterrupted one.
@@ -17,7 +18,10 @@ the same decisions as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..profile.resolve import LadderPlan
@@ -84,3 +88,59 @@ def decide(state: RungState, ladder: LadderPlan, signal: float, step: int) -> in
         state.calm = 0
         state.probation = ladder.patience
     return state.rung
+
+
+class TraceError(ValueError):
+    """A ladder trace file that cannot be read (missing, or a line that is not a move record)."""
+
+
+TRACE_KEYS = ("step", "layer", "from", "to", "signal")
+
+
+def read_trace(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The move records of a ``ladder_trace`` file (JSON lines), in file order; TraceError names the bad line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such trace file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise TraceError(f"{path}: cannot read the trace ({err.__class__.__name__})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise TraceError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(row, dict) or any(k not in row for k in TRACE_KEYS):
+            raise TraceError(f"{path}:{number}: a ladder move needs {', '.join(TRACE_KEYS)}")
+        rows.append(row)
+    return rows
+
+
+def summarize_trace(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per layer (in order of first move): moves up and down, the first and last step that moved, the rung
+    it started from and ended on (with their recipes), and the lowest signal that made it climb."""
+    layers: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = layers.setdefault(
+            row["layer"],
+            {
+                "layer": row["layer"],
+                "moves": 0,
+                "up": 0,
+                "down": 0,
+                "first_step": row["step"],
+                "start_rung": row["from"],
+                "start_recipe": row.get("from_recipe"),
+                "min_signal_up": None,
+            },
+        )
+        entry["moves"] += 1
+        up = row["to"] > row["from"]
+        entry["up" if up else "down"] += 1
+        if up and (entry["min_signal_up"] is None or row["signal"] < entry["min_signal_up"]):
+            entry["min_signal_up"] = row["signal"]
+        entry.update(last_step=row["step"], end_rung=row["to"], end_recipe=row.get("to_recipe"))
+    return list(layers.values())
