@@ -329,3 +329,22 @@ def test_ladder_with_momentum_rank_or_storm_tail_is_refused() -> None:
     prof = profile({"rungs": [{}, {"method": "subset", "fraction": 1.0}], "floor": 0.5}, momentum="storm")
     with pytest.raises(ProfileError, match=r"rungs\[1\]: method subset keeps"):
         ProfiledMuon([("w", w)], prof)
+
+
+# ---------------------------------------------------------------- validate
+
+
+def test_validate_races_the_adaptive_profile_against_itself_without_ladders() -> None:
+    from muonprof.validate import validate
+
+    ladder = {"rungs": [{"ns_steps": 2, "dtype": "float32"}, {"ns_steps": 5}], "floor": 0.9, "every": 2}
+    adaptive = {"format": "muonprof.profile/1", "defaults": {"ladder": ladder}}
+    result = validate(
+        "llama-tiny", profile=adaptive, contenders=["static", "default"], steps=4, batch_size=2, seq_len=16
+    )
+    assert list(result.contenders) == ["profile", "static", "default"]
+    assert all(c.skipped is None and c.runs for c in result.contenders.values())
+    assert "ladders removed" in result.contenders["static"].config["profile"]
+    # Adaptive and static differ (the ladder ran Newton-Schulz x2 first, then climbed), static is the default.
+    finals = {name: c.runs[0].train_losses for name, c in result.contenders.items()}
+    assert finals["static"] == finals["default"] and finals["profile"] != finals["static"]

@@ -319,3 +319,20 @@ class Profile(_Strict):
         if isinstance(data, dict) and "format" not in data:
             raise ValueError(f'missing "format": expected "{FORMAT}"')
         return data
+
+
+def has_ladders(profile: Profile | None) -> bool:
+    """Whether any layer (or the defaults) of ``profile`` adapts along a ladder."""
+    if profile is None:
+        return False
+    return profile.defaults.ladder is not None or any(e.ladder is not None for e in profile.layers.values())
+
+
+def without_ladders(profile: Profile) -> Profile:
+    """The same profile with every ladder removed: each layer back on its own static recipe (what ``validate``
+    races an adaptive profile against, as ``static``)."""
+    data = profile.model_dump(exclude_none=True, exclude_unset=True)
+    data.get("defaults", {}).pop("ladder", None)
+    for entry in data.get("layers", {}).values():
+        entry.pop("ladder", None)
+    return Profile.model_validate(data)
