@@ -348,3 +348,33 @@ def test_validate_races_the_adaptive_profile_against_itself_without_ladders() ->
     # Adaptive and static differ (the ladder ran Newton-Schulz x2 first, then climbed), static is the default.
     finals = {name: c.runs[0].train_losses for name, c in result.contenders.items()}
     assert finals["static"] == finals["default"] and finals["profile"] != finals["static"]
+
+
+# ---------------------------------------------------------------- tune writes ladders
+
+
+def test_tune_writes_a_ladder_from_the_front_around_the_chosen_recipe() -> None:
+    from muonprof.tune.space import LayerMenu, Option
+    from muonprof.tune.writer import layer_ladder
+
+    def lowrank(r: int) -> OrthoConfig:
+        return OrthoConfig(method="lowrank", rank=r, dtype="float32")
+
+    front = [  # fastest first, as stage 1 keeps them; one NS option that reports another kind of signal
+        Option("r4", lowrank(4), 0.1, 0.50),
+        Option("r8", lowrank(8), 0.2, 0.70),
+        Option("ns2", OrthoConfig(ns_steps=2), 0.25, 0.60),
+        Option("r16", lowrank(16), 0.3, 0.85),
+        Option("r32", lowrank(32), 0.5, 0.95),
+    ]
+    menu = LayerMenu("w", (M, N), "linear", 1.0, front)
+    s = torch.linspace(1.0, 0.05, N)
+    ladder = layer_ladder(menu, "r8", s, slack=0.02)
+    assert ladder is not None
+    assert [r["rank"] for r in ladder["rungs"]] == [4, 8, 16, 32] and ladder["start"] == 1
+    assert ladder["floor"] == pytest.approx(predicted_signal(s, lowrank(8)) - 0.02)
+    # The written ladder is a valid one: ProfiledMuon takes it, on the chosen rung.
+    w = nn.Parameter(torch.randn(M, N))
+    opt = ProfiledMuon([("w", w)], profile(ladder))
+    assert opt.plans["w"].ortho == lowrank(8).replace(dtype="float32") and opt.plans["w"].ladder is not None
+    assert layer_ladder(LayerMenu("w", (M, N), "linear", 1.0, front[:1]), "r4", s) is None  # nothing to move to
