@@ -378,3 +378,10 @@ def test_tune_writes_a_ladder_from_the_front_around_the_chosen_recipe() -> None:
     opt = ProfiledMuon([("w", w)], profile(ladder))
     assert opt.plans["w"].ortho == lowrank(8).replace(dtype="float32") and opt.plans["w"].ladder is not None
     assert layer_ladder(LayerMenu("w", (M, N), "linear", 1.0, front[:1]), "r4", s) is None  # nothing to move to
+
+
+def test_a_ladder_on_an_adamw_layer_is_refused() -> None:
+    w = nn.Parameter(torch.randn(M, N))
+    prof = profile({"rungs": [{}, {"ns_steps": 6}], "floor": 0.5}, optimizer="adamw")
+    with pytest.raises(ProfileError, match=r'layers\["w"\]: ladder applies to Muon layers only'):
+        ProfiledMuon([("w", w)], prof)

@@ -311,7 +311,7 @@ class ProfiledMuon(torch.optim.Optimizer):
             valid = torch.ones((), dtype=torch.float32, device=value.device)
             if bucket.ok is not None:
                 valid = bucket.ok[i].to(torch.float32)
-            self._signals[id(p)] = (value.float() * valid, valid)
+            self._signals[id(p)] = (torch.where(valid > 0, value.float(), 0.0), valid)
 
     def _decide(self) -> None:
         """One host read of every due layer's signal (summed over ranks: only owners measure), then the moves."""

@@ -167,7 +167,7 @@ def resolve_layers(
         lr_rule = settings.get("lr_rule", "original")
         where = f'layers["{name}"]' if entry is not None else f"defaults (applied to {name!r})"
         if optimizer == "adamw":
-            own = sorted(MOMENTUM_KEYS & entry.explicit().keys()) if entry is not None else []
+            own = sorted((MOMENTUM_KEYS | {"ladder"}) & entry.explicit().keys()) if entry is not None else []
             if own:
                 errors.append(f"{where}: {', '.join(own)} applies to Muon layers only (this layer uses adamw)")
                 continue

@@ -331,7 +331,7 @@ def has_ladders(profile: Profile | None) -> bool:
 def without_ladders(profile: Profile) -> Profile:
     """The same profile with every ladder removed: each layer back on its own static recipe (what ``validate``
     races an adaptive profile against, as ``static``)."""
-    data = profile.model_dump(exclude_none=True, exclude_unset=True)
+    data = {**profile.model_dump(exclude_none=True, exclude_unset=True), "format": profile.format}
     data.get("defaults", {}).pop("ladder", None)
     for entry in data.get("layers", {}).values():
         entry.pop("ladder", None)
