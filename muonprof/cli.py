@@ -187,7 +187,7 @@ def profile_show(
     for name, entry in profile.layers.items():
         settings = entry.explicit()
         measured = entry.measured
-        recipe = {k: v for k, v in settings.items() if k not in ("role", "shape", "lr_factor", "measured")}
+        recipe = {k: v for k, v in settings.items() if k not in ("role", "shape", "lr_factor", "measured", "ladder")}
         rows.append(
             {
                 "name": name,
@@ -198,6 +198,7 @@ def profile_show(
                 "baseline_time_ms": measured.baseline_time_ms if measured else None,
                 "alignment": measured.alignment if measured else None,
                 "baseline_alignment": measured.baseline_alignment if measured else None,
+                "ladder": entry.ladder.model_dump(exclude_none=True) if entry.ladder else None,
             }
         )
     timed = [r for r in rows if r["time_ms"] is not None and r["baseline_time_ms"] is not None]
@@ -212,6 +213,7 @@ def profile_show(
         "baseline_time_ms": base if timed else None,
         "speedup": base / total if timed and total > 0 else None,
         "race": (profile.provenance.model_dump().get("race") if profile.provenance else None),
+        "default_ladder": profile.defaults.ladder.model_dump(exclude_none=True) if profile.defaults.ladder else None,
     }
     if as_json:
         print_json(summary)
@@ -222,7 +224,7 @@ def profile_show(
         table.add_column(col, justify="left" if col in ("layer", "role", "recipe") else "right")
     for r in rows:
         recipe = r["recipe"]
-        text = _recipe_text(recipe)
+        text = _ladder_text(r["ladder"]) if r["ladder"] else _recipe_text(recipe)
         table.add_row(
             r["name"].removesuffix(".weight"),
             r["role"] or "",
@@ -234,6 +236,8 @@ def profile_show(
             f"{r['baseline_alignment']:.3f}" if r["baseline_alignment"] is not None else "",
         )
     console.print(table)
+    if summary["default_ladder"]:
+        console.print(f"defaults: {_ladder_text(summary['default_ladder'])}")
     if timed and total > 0:
         device = summary["device"] or "the tuning device"
         console.print(
@@ -250,6 +254,14 @@ def profile_show(
         console.print(Text("race: none recorded (this profile was not proven in training by muonprof tune)"))
 
 
+def _ladder_text(ladder: dict[str, Any]) -> str:
+    """A ladder in one cell: its rungs cheap -> expensive, the start rung marked, and the floor."""
+    rungs = [_recipe_text({k: v for k, v in r.items() if k != "lr_scale"}) for r in ladder["rungs"]]
+    start = ladder.get("start", 0)
+    rungs[start] = f"[{rungs[start]}]"
+    return f"ladder {' < '.join(rungs)}, floor {ladder['floor']:g}, every {ladder.get('every', 50)}"
+
+
 def _recipe_text(recipe: dict[str, Any]) -> str:
     method = recipe.get("method", "newton_schulz")
     if method == "svd":
@@ -263,6 +275,43 @@ def _recipe_text(recipe: dict[str, Any]) -> str:
     if method == "lowrank":
         extra += f" {recipe.get('range_finder', 'power')} p{recipe.get('power_iters', '')}"
     return f"{method}{extra} {ns} {dtype}".strip()
+
+
+@profile_app.command("trace")
+def profile_trace(
+    file: Annotated[Path, typer.Argument(help="A ladder trace: ProfiledMuon(..., ladder_trace=FILE).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
+) -> None:
+    """Summarize a ladder trace: per layer, how often and when it moved up and down its ladder."""
+    from .optim.ladder import TraceError, read_trace, summarize_trace
+
+    try:
+        rows = read_trace(file)
+    except TraceError as err:
+        fail(str(err))
+    layers = summarize_trace(rows)
+    if as_json:
+        print_json({"file": str(file), "moves": len(rows), "layers": layers})
+        return
+    if not rows:
+        console.print(f"{file}: no ladder moves recorded")
+        return
+    table = Table(title=f"{file}: {len(rows)} moves on {len(layers)} layers")
+    for col in ("layer", "moves", "up", "down", "steps", "from", "to", "lowest signal up"):
+        table.add_column(col, justify="left" if col in ("layer", "from", "to") else "right")
+    for r in layers:
+        low = r["min_signal_up"]
+        table.add_row(
+            r["layer"],
+            str(r["moves"]),
+            str(r["up"]),
+            str(r["down"]),
+            f"{r['first_step']}-{r['last_step']}",
+            f"{r['start_rung']} {r['start_recipe'] or ''}".strip(),
+            f"{r['end_rung']} {r['end_recipe'] or ''}".strip(),
+            f"{low:.3f}" if low is not None else "",
+        )
+    console.print(table)
 
 
 @profile_app.command("schema")

@@ -102,6 +102,52 @@ def ddp_equivalence(rank: int, world: int, rendezvous: str, out: str, steps: int
         dist.destroy_process_group()
 
 
+LADDER_LAYERS = {
+    # Newton-Schulz rungs: the probe signal of 2 steps is below 0.9, so it climbs.
+    "0.weight": {"ladder": {"rungs": [{"ns_steps": 2, "dtype": "float32"}, {"ns_steps": 5}], "floor": 0.9, "every": 2}},
+    # Range-finder rungs on a 40 x 40 momentum: rank 4 captures too little energy.
+    "2.weight": {
+        "ladder": {
+            "rungs": [{"method": "lowrank", "rank": r, "dtype": "float32"} for r in (4, 8, 16)],
+            "floor": 0.99,
+            "every": 2,
+        }
+    },
+    # Started on its top rung with a floor of 0: it steps down after its patience.
+    "4.weight": {
+        "ladder": {"rungs": [{"ns_steps": 3}, {"ns_steps": 5}], "floor": 0.0, "patience": 1, "every": 2, "start": 1}
+    },
+}
+
+
+def ladder_equivalence(rank: int, world: int, rendezvous: str, out: str, steps: int) -> None:
+    """Ladders under DDP with the layer split (only each layer's owner measures its signal; the decision is
+    taken from the all-reduced table) against one process: save both ladder states, traces and weights."""
+    _init(rank, world, rendezvous)
+    try:
+        reference = build_model()
+        plain = ProfiledMuon(
+            reference, profile(LADDER_LAYERS), distributed=False, ladder_trace=os.path.join(out, f"ref{rank}.jsonl")
+        )
+        train(reference, plain, steps)
+        model = build_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = ProfiledMuon(model, profile(LADDER_LAYERS), ladder_trace=os.path.join(out, "ddp.jsonl"))
+        train(ddp, opt, steps)
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "reference": {n: p.detach().clone() for n, p in reference.named_parameters()},
+                "status": opt.ladder_status(),
+                "ref_status": plain.ladder_status(),
+                "owners": dict(opt.owners),
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
 FSDP_LAYERS = {
     "0.weight": {"method": "newton_schulz"},
     "2.weight": {"method": "rsvd", "rank": 6, "dtype": "float32"},

@@ -49,6 +49,21 @@ def test_ddp_split_matches_single_process_bit_for_bit(tmp_path: Path, kwargs: di
             assert torch.equal(v, s1[key][k]) if isinstance(v, torch.Tensor) else v == s1[key][k], (key, k)
 
 
+def test_two_gloo_ranks_take_identical_ladder_decisions(tmp_path: Path) -> None:
+    spawn(dist_workers.ladder_equivalence, tmp_path, 8)
+    ranks = [load(tmp_path, r) for r in range(2)]
+    assert set(ranks[0]["owners"][n] for n in dist_workers.LADDER_LAYERS) == {0, 1}, "both ranks must measure"
+    status = ranks[0]["status"]
+    assert status == ranks[1]["status"] == ranks[0]["ref_status"]
+    assert status["0.weight"]["rung"] == 1 and status["4.weight"]["rung"] == 0  # it climbed, it descended
+    assert status["2.weight"]["rung"] > 0
+    for found in ranks:
+        for name, value in found["params"].items():
+            assert torch.equal(value, found["reference"][name]), name
+    # Only rank 0 writes the trace, and it holds the single process's moves.
+    assert (tmp_path / "ddp.jsonl").read_text() == (tmp_path / "ref0.jsonl").read_text() != ""
+
+
 def test_fsdp2_rows_gathered_on_the_owner_match_single_process_bit_for_bit(tmp_path: Path) -> None:
     pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
     spawn(dist_workers.fsdp_equivalence, tmp_path, 4)

@@ -104,6 +104,10 @@ def test_each_contender_builds_and_steps(tmp_path: Path) -> None:
             with pytest.raises(ContenderSkipped, match="no race reference"):
                 build_contender(name, w.model, profile=write_profile(tmp_path))
             continue
+        if name == "static":  # nor ladders to remove (tests/test_ladders.py builds it from one that has)
+            with pytest.raises(ContenderSkipped, match="no ladders"):
+                build_contender(name, w.model, profile=write_profile(tmp_path))
+            continue
         built = build_contender(name, w.model, profile=write_profile(tmp_path))
         before = {k: v.clone() for k, v in w.model.state_dict().items()}
         r = train(w, built.optimizer, steps=2, eval_every=2)
@@ -140,9 +144,10 @@ def test_torch_contender_matches_default() -> None:
 def test_parse_contenders() -> None:
     assert parse_contenders(None, with_profile=True) == ["profile", "default-lr", "default", "torch", "adamw"]
     assert parse_contenders(None, with_profile=False) == ["default", "torch", "adamw"]
+    assert parse_contenders(None, with_profile=True, adaptive=True)[:3] == ["profile", "static", "default-lr"]
     assert parse_contenders("adamw,default,adamw", with_profile=False) == ["adamw", "default"]
     assert parse_contenders("profile,default", with_profile=True) == ["profile", "default"]
-    valid = "valid: profile, default-lr, default, torch, adamw"
+    valid = "valid: profile, static, default-lr, default, torch, adamw"
     with pytest.raises(ContenderError, match=f"unknown contender 'sgd'; {valid}"):
         parse_contenders("default,sgd", with_profile=False)
     with pytest.raises(ContenderError, match="needs --profile"):

@@ -32,7 +32,14 @@ def validate_command(
         Path | None, typer.Option("--profile", help="The profile to validate (omit to race only --against).")
     ] = None,
     against: Annotated[
-        str, typer.Option("--against", help="Contenders to race it against: default, torch, adamw (comma-separated).")
+        str,
+        typer.Option(
+            "--against",
+            help=(
+                "Contenders to race it against: default, torch, adamw, default-lr, static (an adaptive profile "
+                "without its ladders) (comma-separated)."
+            ),
+        ),
     ] = "default,torch,adamw",
     steps: Annotated[
         int, typer.Option("--steps", callback=in_range(1), help="Training steps per run (the equal-steps comparison).")

@@ -220,6 +220,7 @@ def plans_digest(plans: Mapping[str, LayerPlan], hyper: Mapping[str, Any]) -> st
             p.momentum,
             p.momentum_rank,
         ]
+        + ([p.ladder.to_json()] if p.ladder is not None else [])  # absent without a ladder: hashes as before
         for p in plans.values()
     ]
     text = json.dumps({"plans": rows, "hyper": {k: hyper[k] for k in sorted(hyper)}}, sort_keys=True, default=str)

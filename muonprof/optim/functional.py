@@ -22,6 +22,8 @@ from torch import Tensor
 from torch.optim.adamw import adamw as torch_adamw
 
 from ..ortho import OrthoConfig, applied_update, orthogonalize
+from ..ortho.lowrank import lowrank_with_basis, rsvd_with_basis
+from ..ortho.signals import captured_energy, orthogonality_quality
 from .lowrank_momentum import expand, polar_of_factors
 from .momentum_rules import tail_decay, tail_momentum
 
@@ -175,6 +177,39 @@ def orthogonalize_all(
         gens: Sequence[torch.Generator | None] = generators or [None] * len(updates)
         return [orthogonalize(u, ortho, generator=g) for u, g in zip(updates, gens)]
     return list(orthogonalize(torch.stack(updates), ortho, generator=generators))
+
+
+def orthogonalize_all_with_signals(
+    inputs: Sequence[Tensor],
+    shape: tuple[int, int],
+    ortho: OrthoConfig | None,
+    *,
+    batched: bool,
+    generators: GeneratorList = None,
+    probe_generators: Sequence[torch.Generator | None] | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``orthogonalize_all``'s updates (the very same kernels and sketches) and each layer's quality signal
+    (a float32 0-d tensor in [0, 1], ``ortho.signals``): the range finders' captured energy from the basis they
+    build anyway, Newton-Schulz's probe estimate of its orthogonality defect (``probe_generators`` draw the
+    probes), 1 for the exact SVD. For the ladder's measurement steps only."""
+    ortho = ortho or OrthoConfig()
+    updates = [x.reshape(shape) for x in inputs]
+    probes: Sequence[torch.Generator | None] = probe_generators or [None] * len(updates)
+    if ortho.method in ("lowrank", "rsvd"):
+        with_basis = lowrank_with_basis if ortho.method == "lowrank" else rsvd_with_basis
+        if len(updates) == 1 or not batched:
+            gens: Sequence[torch.Generator | None] = generators or [None] * len(updates)
+            pairs = [with_basis(u, ortho, g) for u, g in zip(updates, gens)]
+            outs = [o for o, _ in pairs]
+            signals = [captured_energy(u, q)[0] for u, (_, q) in zip(updates, pairs)]
+            return outs, signals
+        stacked = torch.stack(updates)
+        O, Q = with_basis(stacked, ortho, generators)
+        return list(O), list(captured_energy(stacked, Q))
+    outs = orthogonalize_all(updates, shape, ortho, batched=batched, generators=generators)
+    if ortho.method == "svd":
+        return outs, [torch.ones((), dtype=torch.float32, device=o.device) for o in outs]
+    return outs, [orthogonality_quality(o, generator=g)[0] for o, g in zip(outs, probes)]
 
 
 def applied_updates_all(

@@ -36,20 +36,24 @@ so it costs no pipeline stall; ``skip_nonfinite=False`` turns it off (then NaN s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..ortho import OrthoConfig
+from ..ortho.signals import applied_share
 from ..profile import LayerPlan, Profile, load_profile, resolve_layers
 from . import distributed as dist_split
 from . import functional as F
+from .ladder import RungState, decide
 from .lowrank_momentum import compress, expand, polar_of_factors
 from .routing import fan_layouts, route_module, route_named_parameters
 from .usage import example_runner, trace_parameter_use
@@ -104,6 +108,18 @@ class ProfiledMuon(torch.optim.Optimizer):
         adamw_impl: ``"fused"`` or ``"foreach"``: which of torch's AdamW kernels the AdamW group runs
             (``functional.adamw``; the result equals ``torch.optim.AdamW(fused=True)`` or ``(foreach=True)``).
             None (default): fused wherever torch has the kernel for the device and dtype, else foreach.
+        ladder_trace: a JSON-lines file each ladder move is appended to (step, layer, from, to, signal, ...;
+            rank 0 only): ``muonprof profile trace FILE`` summarizes it. Layers without a ladder never move.
+
+    Ladders (a profile's per-layer ``ladder``): the layer runs one rung of its recipe list at a time; every
+    ``every`` steps the active rung's quality signal is measured on the device (``ortho.signals``) and read
+    on the host once for all layers (the only sync, after an all_reduce under torch.distributed), and the
+    controller (``ladder``) moves the layer up or down. A move only changes the layer's plan: buckets are
+    regrouped from the plans at every step anyway. The momentum buffer is kept across a move; between a
+    tail-keeping rung (error feedback / subset, whose buffer holds E = X - (1 - mu) A) and a plain one (torch's
+    B) it is rescaled (B = E / mu, E = mu B) so the first step on the new rung continues the same momentum X,
+    the not-yet-applied tail included. ``state_dict`` carries the rungs, the counters and a bounded signal
+    history, so a resumed run takes the same decisions.
     """
 
     def __init__(
@@ -127,6 +143,7 @@ class ProfiledMuon(torch.optim.Optimizer):
         example_inputs: Any = None,
         distributed: bool | None = None,
         process_group: Any = None,
+        ladder_trace: str | os.PathLike[str] | None = None,
     ) -> None:
         _check_hparams(lr, momentum, weight_decay, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
         named, routes, layouts = _named_and_routes(model_or_named_params, example_inputs)
@@ -173,15 +190,165 @@ class ProfiledMuon(torch.optim.Optimizer):
         # Everything every rank must agree on besides the plans (the groups' settings, minus the tensors).
         hyper = {"groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
         self._setup_distributed(named, distributed, process_group, {**hyper, "skip": skip_nonfinite, "seed": seed})
+        self._setup_ladders(muon, ladder_trace)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, plus (with ladders) ``"ladder"``: the step clock and each adaptive layer's
+        rung, counters and recent signals (``ladder.RungState``), by layer name."""
+        saved = super().state_dict()
+        if self._ladder_params:
+            saved["ladder"] = {
+                "clock": self._ladder_clock,
+                "layers": {self._plan_of[id(p)].name: self._rungs[id(p)].to_dict() for p in self._ladder_params},
+            }
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, after checking that the saved state fits this profile's recipes.
 
         A state saved under another profile (a layer moved between Muon and AdamW, or to/from low-rank
         momentum) would otherwise load silently and fail later inside ``step`` on a missing internal key;
-        here it is one ValueError that names the layer whose saved state does not match."""
+        here it is one ValueError that names the layer whose saved state does not match. Ladder positions
+        are restored first (the saved buffers are in the saved rung's form)."""
         _check_saved_state(state_dict, self.param_groups, self._plan_of)
+        state_dict = dict(state_dict)
+        ladder = state_dict.pop("ladder", None)
+        if ladder is not None:
+            self._load_ladder_state(ladder)
         super().load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ ladders
+
+    def _setup_ladders(self, muon: list[Tensor], trace: str | os.PathLike[str] | None) -> None:
+        """The adaptive layers (a ladder of two rungs or more), their positions, and the trace file."""
+        self._ladder_params: list[Tensor] = [
+            p for p in muon if (ladder := self._plan_of[id(p)].ladder) is not None and len(ladder.rungs) > 1
+        ]
+        self._rungs: dict[int, RungState] = {
+            id(p): RungState(self._plan_of[id(p)].ladder.start) for p in self._ladder_params  # type: ignore[union-attr]
+        }
+        self._ladder_clock = 0
+        self._due: set[int] = set()
+        self._signals: dict[int, tuple[Tensor, Tensor]] = {}
+        self.ladder_trace = Path(trace) if trace is not None else None
+        if self._group is not None:
+            tail = [
+                self._plan_of[id(p)].name
+                for p in self._ladder_params
+                if any(r.keeps_tail for r in self._plan_of[id(p)].ladder.rungs)  # type: ignore[union-attr]
+            ]
+            if tail:
+                raise dist_split.DistributedSetupError(
+                    f"{tail[0]}: its ladder has an error_feedback / subset rung, which is not supported under "
+                    "torch.distributed yet; drop those rungs for distributed runs"
+                )
+
+    def _load_ladder_state(self, saved: dict[str, Any]) -> None:
+        by_name = {self._plan_of[id(p)].name: p for p in self._ladder_params}
+        layers = saved.get("layers", {})
+        unknown = sorted(set(layers) - set(by_name))
+        if unknown:
+            raise ValueError(f"state_dict has ladder state for {unknown[0]!r}, which has no ladder in this profile")
+        for name, data in layers.items():
+            p = by_name[name]
+            state = RungState.from_dict(data)
+            ladder = self._plan_of[id(p)].ladder
+            assert ladder is not None
+            if not 0 <= state.rung < len(ladder.rungs):
+                raise ValueError(f"state_dict puts {name!r} on rung {state.rung}; its ladder has {len(ladder.rungs)}")
+            self._rungs[id(p)] = state
+            self._set_rung(p, state.rung)
+        self._ladder_clock = int(saved.get("clock", 0))
+
+    def _set_rung(self, p: Tensor, rung: int) -> None:
+        """Run ``p`` on ``rung`` from the next step on (its plan; the buckets follow the plans)."""
+        plan = self._plan_of[id(p)]
+        assert plan.ladder is not None
+        new = replace(plan, ortho=plan.ladder.rungs[rung], lr_scale=plan.ladder.lr_scales[rung])
+        self._plan_of[id(p)] = new
+        self.plans[plan.name] = new
+
+    def _move(self, p: Tensor, frm: int, rung: int, signal: float, mu: float) -> None:
+        """A decided move: the plan, the momentum buffer's form (see the class docstring) and the trace."""
+        plan = self._plan_of[id(p)]
+        assert plan.ladder is not None and plan.ortho is not None
+        old, new = plan.ortho, plan.ladder.rungs[rung]
+        buffer = self.state[p].get("momentum_buffer")
+        if buffer is not None and old.keeps_tail != new.keeps_tail and mu > 0:
+            if new.keeps_tail:
+                buffer.mul_(mu)
+            else:
+                buffer.div_(mu)
+        self._set_rung(p, rung)
+        if self.ladder_trace is not None and self._rank == 0:
+            row = {
+                "step": self._ladder_clock,
+                "layer": plan.name,
+                "from": frm,
+                "to": rung,
+                "from_recipe": old.label(),
+                "to_recipe": new.label(),
+                "signal": signal,
+                "floor": plan.ladder.floor,
+            }
+            with open(self.ladder_trace, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def _signal_generator(self, p: Tensor, device: torch.device) -> torch.Generator:
+        """The probes' generator: from (seed, clock, layer index), like the sketches, so any rank and a resumed
+        run draw the same probes (and the global RNG is left alone)."""
+        generator = torch.Generator(device=device)
+        index = self._index_of[id(p)]
+        generator.manual_seed((self.seed * 998_244_353 + self._ladder_clock * 10_009 + index + 7) % (2**63 - 1))
+        return generator
+
+    def _record_signals(self, bucket: _Bucket, mine: list[int], signals: list[Tensor]) -> None:
+        """Keep the signals of the layers due this step; a skipped (non-finite) layer's does not count."""
+        for i, value in zip(mine, signals):
+            p = bucket.params[i]
+            if id(p) not in self._due:
+                continue
+            valid = torch.ones((), dtype=torch.float32, device=value.device)
+            if bucket.ok is not None:
+                valid = bucket.ok[i].to(torch.float32)
+            self._signals[id(p)] = (torch.where(valid > 0, value.float(), 0.0), valid)
+
+    def _decide(self) -> None:
+        """One host read of every due layer's signal (summed over ranks: only owners measure), then the moves."""
+        due = [p for p in self._ladder_params if id(p) in self._due]
+        device = due[0].device
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        values = [self._signals.get(id(p), (zero, zero)) for p in due]
+        table = torch.stack(
+            [torch.stack([v.to(device) for v, _ in values]), torch.stack([c.to(device) for _, c in values])]
+        )
+        if self._group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(table, op=dist.ReduceOp.SUM, group=self._group)
+        sums, counts = table.tolist()
+        mu = next(g["momentum"] for g in self.param_groups if g["use_muon"])
+        for p, total, count in zip(due, sums, counts):
+            if count <= 0:
+                continue  # no gradient, or skipped as non-finite, on every rank: nothing measured
+            signal = total / count
+            state = self._rungs[id(p)]
+            before = state.rung
+            ladder = self._plan_of[id(p)].ladder
+            assert ladder is not None
+            after = decide(state, ladder, signal, self._ladder_clock)
+            if after != before:
+                self._move(p, before, after, signal, mu)
+        self._signals = {}
+
+    def ladder_status(self) -> dict[str, dict[str, Any]]:
+        """Per adaptive layer: its rung, that rung's recipe and its recent (step, signal, rung) measurements."""
+        out = {}
+        for p in self._ladder_params:
+            plan, state = self._plan_of[id(p)], self._rungs[id(p)]
+            assert plan.ortho is not None
+            out[plan.name] = {"rung": state.rung, "recipe": plan.ortho.label(), **state.to_dict()}
+        return out
 
     def _setup_distributed(
         self, named: list[tuple[str, Tensor]], distributed: bool | None, process_group: Any, hyper: dict[str, Any]
@@ -242,6 +409,10 @@ class ProfiledMuon(torch.optim.Optimizer):
         """
         loss = None
         self._corrections = {}
+        if self._ladder_params:
+            self._ladder_clock += 1
+            clock = self._ladder_clock
+            self._due = {id(p) for p in self._ladder_params if clock % self._plan_of[id(p)].ladder.every == 0}  # type: ignore[union-attr]
         if self._storm:
             if closure is None:
                 names = ", ".join(self._plan_of[id(p)].name for p in self._storm[:3])
@@ -261,6 +432,9 @@ class ProfiledMuon(torch.optim.Optimizer):
             else:
                 self._adamw_step(group)
         self._corrections = {}
+        if self._due:
+            self._decide()
+            self._due = set()
         return loss
 
     def _storm_evaluations(self, closure: Callable[[], Any]) -> Any:
@@ -468,6 +642,17 @@ class ProfiledMuon(torch.optim.Optimizer):
             results = {idx: list(f) for idx, f in zip(indices, factors)}
         elif mine and bucket.momenta is not None:
             results = self._tail_updates(bucket, mine, indices, generators)
+        elif mine and any(id(bucket.params[i]) in self._due for i in mine):
+            outs, signals = F.orthogonalize_all_with_signals(
+                [inputs[i] for i in mine],
+                bucket.shape,
+                bucket.ortho,
+                batched=self._batched(bucket.device),
+                generators=generators,
+                probe_generators=[self._signal_generator(bucket.params[i], bucket.device) for i in mine],
+            )
+            self._record_signals(bucket, mine, signals)
+            results = {idx: [o] for idx, o in zip(indices, outs)}
         elif mine:
             outs = F.orthogonalize_all(
                 [inputs[i] for i in mine],
@@ -501,6 +686,11 @@ class ProfiledMuon(torch.optim.Optimizer):
             batched=self._batched(bucket.device),
             generators=generators,
         )
+        if any(id(bucket.params[i]) in self._due for i in mine):
+            signals = [
+                applied_share(bucket.momenta[i], a)[0] for i, (_, a) in zip(mine, pairs)
+            ]
+            self._record_signals(bucket, mine, signals)
         return {idx: [o, a] for idx, (o, a) in zip(indices, pairs)}
 
     def _apply(self, bucket: _Bucket, results: dict[int, list[Tensor]], lr: float, wd: float) -> None:

@@ -15,10 +15,24 @@ from .io import (
     save_profile,
 )
 from .resolve import LayerPlan, resolve_layers
-from .schema import FORMAT, LayerEntry, LayerSettings, Measured, ModelInfo, Profile, Provenance
+from .schema import (
+    FORMAT,
+    Ladder,
+    LadderRung,
+    LayerEntry,
+    LayerSettings,
+    Measured,
+    ModelInfo,
+    Profile,
+    Provenance,
+    has_ladders,
+    without_ladders,
+)
 
 __all__ = [
     "FORMAT",
+    "Ladder",
+    "LadderRung",
     "LayerEntry",
     "LayerPlan",
     "LayerSettings",
@@ -29,6 +43,7 @@ __all__ = [
     "Provenance",
     "atomic_write_text",
     "fingerprint",
+    "has_ladders",
     "json_schema",
     "load_profile",
     "parse_profile",
@@ -36,6 +51,7 @@ __all__ = [
     "resolve_layers",
     "save_profile",
     "shipped_json_schema",
+    "without_ladders",
 ]
 
 SCHEMA_ID = KIND.json_schema()["$id"]

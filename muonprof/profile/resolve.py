@@ -10,16 +10,45 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..lr_rules import lr_rule_factor, matrix_shape
 from ..ortho.config import PRESETS, OrthoConfig
 from .io import ProfileError, fingerprint
-from .schema import LayerSettings, Profile
+from .schema import Ladder, LayerSettings, Profile
 
 ORTHO_KEYS = frozenset(OrthoConfig.__dataclass_fields__)
 MOMENTUM_KEYS = frozenset({"momentum", "momentum_rank"})
+
+
+@dataclass(frozen=True)
+class LadderPlan:
+    """A layer's resolved ladder: one validated ``OrthoConfig`` (and lr_scale) per rung, cheap -> expensive,
+    plus the controller's settings (``optim.ladder``)."""
+
+    rungs: tuple[OrthoConfig, ...]
+    lr_scales: tuple[float, ...]
+    floor: float
+    margin: float = 0.05
+    patience: int = 3
+    every: int = 50
+    start: int = 0
+
+    def to_json(self) -> str:
+        """A stable text of the whole ladder (part of the plan hash every rank must agree on)."""
+        import json
+
+        body = {
+            "rungs": [r.to_dict() for r in self.rungs],
+            "lr_scales": list(self.lr_scales),
+            "floor": self.floor,
+            "margin": self.margin,
+            "patience": self.patience,
+            "every": self.every,
+            "start": self.start,
+        }
+        return json.dumps(body, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -36,6 +65,7 @@ class LayerPlan:
     momentum: str = "ema"  # "ema" | "storm"
     momentum_rank: int | None = None  # low-rank momentum factors (LiMuon); None keeps the full buffer
     layout: str = "out_in"  # "in_out": stored as (fan_in, fan_out), e.g. Hugging Face's Conv1D (``fan_shape``)
+    ladder: LadderPlan | None = None  # adaptive recipes; ``ortho`` / ``lr_scale`` are then the active rung's
 
     @property
     def momentum_label(self) -> str:
@@ -68,6 +98,7 @@ class LayerPlan:
 
 def _apply_block(settings: dict[str, Any], block: LayerSettings) -> None:
     explicit = block.explicit()
+    explicit.pop("ladder", None)  # a ladder is resolved on its own (``_resolve_ladder``), never merged key by key
     preset = explicit.pop("preset", None)
     if preset is not None:
         settings.update(PRESETS[preset].to_dict())
@@ -136,7 +167,7 @@ def resolve_layers(
         lr_rule = settings.get("lr_rule", "original")
         where = f'layers["{name}"]' if entry is not None else f"defaults (applied to {name!r})"
         if optimizer == "adamw":
-            own = sorted(MOMENTUM_KEYS & entry.explicit().keys()) if entry is not None else []
+            own = sorted((MOMENTUM_KEYS | {"ladder"}) & entry.explicit().keys()) if entry is not None else []
             if own:
                 errors.append(f"{where}: {', '.join(own)} applies to Muon layers only (this layer uses adamw)")
                 continue
@@ -166,6 +197,16 @@ def resolve_layers(
         except ValueError as err:
             errors.append(f"{where} (matrix {'x'.join(map(str, matrix_shape(shape)))}): {err}")
             continue
+        ladder = _ladder_of(profile, entry)
+        if ladder is not None:
+            try:
+                plan = _with_ladder(plan, ladder, lr_scale)
+            except ValueError as err:
+                ladder_where = f'layers["{name}"].ladder' if entry is not None and entry.ladder else (
+                    f"defaults.ladder (applied to {name!r})"
+                )
+                errors.append(f"{ladder_where} (matrix {'x'.join(map(str, matrix_shape(shape)))}): {err}")
+                continue
         plans[name] = plan
 
     if errors:
@@ -177,6 +218,55 @@ def resolve_layers(
             stacklevel=3,
         )
     return plans
+
+
+def _ladder_of(profile: Profile | None, entry: LayerSettings | None) -> Ladder | None:
+    """The layer's own ladder, else the defaults' one."""
+    if entry is not None and entry.ladder is not None:
+        return entry.ladder
+    return profile.defaults.ladder if profile is not None else None
+
+
+def _with_ladder(plan: LayerPlan, ladder: Ladder, layer_lr_scale: float) -> LayerPlan:
+    """``plan`` on its ladder's start rung. Each rung is resolved as a layer block is (preset, then keys, on
+    torch's recipe) and checked like one (``check_shape``, the momentum rules); ValueError names the rung.
+    The rungs must be ordered: none may cost fewer flops (``distributed.ortho_flops``, the balancing cost
+    model, for this layer's matrix shape) than the rung below it."""
+    from ..optim.distributed import ortho_flops  # the optimizer imports profiles: resolve lazily
+
+    if plan.momentum_rank is not None:
+        raise ValueError("momentum_rank orthogonalizes straight from its factors: it cannot have a ladder")
+    rungs: list[OrthoConfig] = []
+    scales: list[float] = []
+    costs: list[float] = []
+    for i, rung in enumerate(ladder.rungs):
+        settings: dict[str, Any] = {}
+        explicit = rung.explicit()
+        scale = float(explicit.pop("lr_scale", layer_lr_scale))
+        preset = explicit.pop("preset", None)
+        if preset is not None:
+            settings.update(PRESETS[preset].to_dict())
+        settings.update(explicit)
+        try:
+            ortho = OrthoConfig.from_dict(settings)
+            ortho.check_shape(plan.matrix_shape)
+            _check_momentum(LayerPlan(plan.name, "muon", plan.reason, plan.shape, ortho, momentum=plan.momentum), None)
+        except ValueError as err:
+            raise ValueError(f"rungs[{i}]: {err}") from None
+        cost = ortho_flops(plan.matrix_shape, ortho)
+        if costs and cost < costs[-1]:
+            raise ValueError(
+                f"rungs[{i}] ({ortho.label()}, {cost:.3g} flops) is cheaper than rungs[{i - 1}] "
+                f"({rungs[-1].label()}, {costs[-1]:.3g} flops): order the rungs cheap -> expensive"
+            )
+        rungs.append(ortho)
+        scales.append(scale)
+        costs.append(cost)
+    resolved = LadderPlan(
+        tuple(rungs), tuple(scales), ladder.floor, ladder.margin, ladder.patience, ladder.every, ladder.start
+    )
+    start = resolved.start
+    return replace(plan, ortho=rungs[start], lr_scale=scales[start], ladder=resolved)
 
 
 def _check_momentum(plan: LayerPlan, entry: LayerSettings | None) -> None:

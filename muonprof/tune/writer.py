@@ -57,6 +57,64 @@ def settings_of(config: Candidate) -> dict[str, Any]:
     return out
 
 
+def layer_ladder(
+    menu: LayerMenu,
+    chosen: str,
+    spectrum: Sequence[float] | torch.Tensor,
+    *,
+    slack: float = 0.02,
+    margin: float = 0.05,
+    patience: int = 3,
+    every: int = 50,
+) -> dict[str, Any] | None:
+    """A ladder for one layer from its stage-1 front (``menu``) around the recipe the race accepted (``chosen``).
+
+    Rungs: the front's options that report the same kind of signal as the chosen one (``ortho.signals``:
+    energy share, applied share or orthogonality; the exact SVD reports 1 and may sit on top), kept as one chain
+    that is increasing in flops (the balancing cost model, ``distributed.ortho_flops``) and in alignment, the
+    chosen one included and the start rung. The floor is the chosen recipe's predicted signal on ``spectrum``
+    (the layer's captured momentum spectrum: what the race accepted it on) minus ``slack``, clipped to [0, 1]:
+    the layer climbs once its spectrum has become harder than that. None when no other rung fits (a one-rung
+    ladder would never move)."""
+    from ..optim.distributed import ortho_flops
+    from ..ortho.signals import predicted_signal, signal_kind
+
+    pick = menu.option(chosen)
+    if not isinstance(pick.config, OrthoConfig):
+        return None  # a low-rank momentum orthogonalizes from its factors: no ladder
+    kind = signal_kind(pick.config)
+
+    def cost(option: Any) -> float:
+        return ortho_flops(menu.shape, option.config)
+
+    same = [o for o in menu.options if isinstance(o.config, OrthoConfig)]
+    same = [o for o in same if signal_kind(o.config) in (kind, "exact")]
+    below = [o for o in same if o is not pick and signal_kind(o.config) == kind]  # the exact SVD only on top
+    above = [o for o in same if o is not pick]
+    chain_down: list[Any] = []
+    for o in sorted(below, key=lambda o: (-cost(o), -o.alignment)):
+        last = chain_down[-1] if chain_down else pick
+        if cost(o) <= cost(last) and o.alignment < last.alignment:
+            chain_down.append(o)
+    chain_up: list[Any] = []
+    for o in sorted(above, key=lambda o: (cost(o), o.alignment)):
+        last = chain_up[-1] if chain_up else pick
+        if cost(o) >= cost(last) and o.alignment > last.alignment:
+            chain_up.append(o)
+    rungs = [*reversed(chain_down), pick, *chain_up]
+    if len(rungs) < 2:
+        return None
+    signal = predicted_signal(spectrum, pick.config, menu.shape)
+    return {
+        "rungs": [settings_of(o.config) for o in rungs],
+        "floor": min(1.0, max(0.0, signal - slack)),
+        "margin": margin,
+        "patience": patience,
+        "every": every,
+        "start": len(chain_down),
+    }
+
+
 def state_summary(
     choice: Assignment, baseline: Assignment, budget: int | None, adamw_bytes: int | None = None
 ) -> dict[str, Any]:
@@ -94,12 +152,14 @@ def build_profile(
     notes: str | None = None,
     state: Mapping[str, Any] | None = None,
     race: Mapping[str, Any] | None = None,
+    ladders: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Profile:
     """The profile for ``choice`` (stage 1) and ``lr`` (stage 2: ``{"lr_rule", "scales": {layer: s}, ...}``).
 
     ``state`` (``state_summary``) goes to ``provenance.study.state_memory``; the predicted Muon state is in
     ``provenance.expected`` either way. ``race`` (``RaceResult.to_json()``): the stage-3 table that proved
-    (or refused) the profile, kept as ``provenance.race``."""
+    (or refused) the profile, kept as ``provenance.race``. ``ladders``: per layer, a ladder (``layer_ladder``)
+    written into its entry (the entry's own recipe stays: it is what the profile runs without adaptation)."""
     lr = dict(lr or {})
     rule = lr.get("lr_rule", "original")
     scales: Mapping[str, float] = lr.get("scales", {})
@@ -130,6 +190,8 @@ def build_profile(
                 "baseline_state_bytes": base.state_bytes if base else None,
             },
         }
+        if ladders and menu.name in ladders:
+            entry["ladder"] = dict(ladders[menu.name])
         layers[menu.name] = entry
     defaults: dict[str, Any] = {"lr_rule": rule} if rule != "original" else {}
     if float(lr.get("adamw_mult", 1.0)) != 1.0:

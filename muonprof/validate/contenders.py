@@ -1,6 +1,9 @@
 """The optimizers ``muonprof validate`` races: a profile, ProfiledMuon's defaults, torch.optim.Muon, AdamW.
 
-- ``profile``: ``ProfiledMuon(model, profile)``.
+- ``profile``: ``ProfiledMuon(model, profile)`` (adaptive when the profile has ladders).
+- ``static``: the same profile with its ladders removed (``profile.without_ladders``: every layer on its own
+  recipe): what an adaptive profile must beat to show that adapting pays. Runs by default when the profile
+  has ladders; skipped with a reason when it has none (it would be ``profile`` again).
 - ``default``: ``ProfiledMuon(model)``: torch.optim.Muon's algorithm on the hidden matrices, AdamW for the
   rest (lr 0.02, momentum 0.95, Nesterov, no weight decay; AdamW lr 3e-4, betas (0.9, 0.95), eps 1e-8).
 - ``default-lr``: the default recipe (Jordan x5 bf16 everywhere) with the *profile's* tuned learning rates:
@@ -32,7 +35,7 @@ from torch import nn
 from ..optim import ProfiledMuon
 from ..optim.routing import route_module
 
-CONTENDERS = ("profile", "default-lr", "default", "torch", "adamw")
+CONTENDERS = ("profile", "static", "default-lr", "default", "torch", "adamw")
 DEFAULT_AGAINST = ("default", "torch", "adamw")
 
 MUON_LR = 0.02
@@ -59,15 +62,19 @@ def adamw_lr_for(num_parameters: int) -> float:
     return 6e-4
 
 
-def parse_contenders(against: str | list[str] | tuple[str, ...] | None, *, with_profile: bool) -> list[str]:
+def parse_contenders(
+    against: str | list[str] | tuple[str, ...] | None, *, with_profile: bool, adaptive: bool = False
+) -> list[str]:
     """The contenders to run, in order: ``profile`` first when a profile is given, then ``against`` (by
-    default ``default-lr`` with a profile, then default, torch, adamw).
+    default ``static`` for a profile with ladders (``adaptive``), ``default-lr`` with a profile, then default,
+    torch, adamw).
 
     ``against`` is a comma-separated string or a list; duplicates are dropped. Raises ContenderError for an
     unknown name (listing the valid ones), for ``profile`` without a profile, or for nothing to run.
     """
     if against is None:
-        names = (["default-lr"] if with_profile else []) + list(DEFAULT_AGAINST)
+        names = (["static"] if with_profile and adaptive else []) + (["default-lr"] if with_profile else [])
+        names += list(DEFAULT_AGAINST)
     elif isinstance(against, str):
         names = [n.strip() for n in against.split(",") if n.strip()]
     else:
@@ -78,7 +85,7 @@ def parse_contenders(against: str | list[str] | tuple[str, ...] | None, *, with_
             f"unknown contender{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
             f"valid: {', '.join(CONTENDERS)}"
         )
-    for needs in ("profile", "default-lr"):
+    for needs in ("profile", "static", "default-lr"):
         if needs in names and not with_profile:
             raise ContenderError(f"contender {needs!r} needs --profile FILE")
     ordered = (["profile"] if with_profile else []) + [n for n in names if n != "profile"]
@@ -171,10 +178,13 @@ def build_contender(
         "adamw_eps": ADAMW_EPS,
         "adamw_weight_decay": 0.0,
     }
-    if name in ("profile", "default-lr"):
+    if name in ("profile", "static", "default-lr"):
         if profile is None:
             raise ContenderError(f"contender {name!r} needs --profile FILE")
-        chosen = profile if name == "profile" else reference_profile(profile)
+        if name == "static":
+            chosen = static_profile(profile)
+        else:
+            chosen = profile if name == "profile" else reference_profile(profile)
         opt = ProfiledMuon(
             model,
             chosen,
@@ -186,7 +196,7 @@ def build_contender(
             seed=seed,
         )
         source = str(profile) if isinstance(profile, (str, os.PathLike)) else "(in memory)"
-        source = source if name == "profile" else "race reference"
+        source = {"profile": source, "static": f"{source}, ladders removed"}.get(name, "race reference")
         return BuiltContender(name, opt, {"optimizer": "ProfiledMuon", "profile": source, **muon_common})
     if name == "default":
         opt = ProfiledMuon(
@@ -226,6 +236,16 @@ def reference_profile(profile: Any) -> dict[str, Any]:
     if not isinstance(reference, dict):
         raise ContenderSkipped("the profile records no race reference (it was not made by muonprof tune's race)")
     return reference
+
+
+def static_profile(profile: Any) -> Any:
+    """The profile without its ladders (``static``), or ContenderSkipped when it has none to remove."""
+    from ..profile import Profile, has_ladders, load_profile, without_ladders
+
+    loaded = profile if isinstance(profile, Profile) else load_profile(profile)
+    if not has_ladders(loaded):
+        raise ContenderSkipped("the profile has no ladders: 'static' would be the 'profile' contender again")
+    return without_ladders(loaded)
 
 
 def torch_muon_available() -> bool:
@@ -276,5 +296,6 @@ __all__ = [
     "adamw_lr_for",
     "build_contender",
     "parse_contenders",
+    "static_profile",
     "torch_muon_available",
 ]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._version import __version__
-from ..profile import fingerprint, load_profile
+from ..profile import fingerprint, has_ladders, load_profile
 from ..stats import DEFAULT_MARGIN, check_margin
 from ..train import RankSync, TrainResult, train
 from ..workload import Workload, build_workload
@@ -117,11 +117,11 @@ def validate(
         raise ValidationError(f"--eval-every must be at least 1, got {every}")
     if time_budget_s is not None and not time_budget_s > 0:
         raise ValidationError(f"--time-budget must be > 0 seconds, got {time_budget_s}")
-    names = parse_contenders(contenders, with_profile=profile is not None)
+    loaded_profile = load_profile(profile) if profile is not None else None
+    names = parse_contenders(contenders, with_profile=profile is not None, adaptive=has_ladders(loaded_profile))
     reference, margin = check_judging(names, reference, margin)
     seed_values = seed_list(seeds, seed)
     device = torch.device(device)
-    loaded_profile = load_profile(profile) if profile is not None else None
     load = dict(overrides=overrides, data=data, batch_size=batch_size, seq_len=seq_len, device=device)
     options = dict(lr=lr, adamw_lr=adamw_lr, baseline_lr=baseline_lr)
 
