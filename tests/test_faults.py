@@ -408,9 +408,10 @@ def test_tune_interrupted_in_every_stage_resumes_each_time(
 # ------------------------------------------------------------------------------------------ validate
 
 
-def validate_args(*extra: str) -> list[str]:
-    return ["validate", "mlp", "--against", "default,torch", "--seeds", "2", "--steps", "300", "--eval-every", "50",
-            "--batch-size", "4", "--device", "cpu", "--out", "r.json", *extra]  # fmt: skip
+def validate_args(*extra: str, steps: int = 300) -> list[str]:
+    """Two contenders x two seeds of mlp; 300 steps (~2 s a run) give a Ctrl-C time to land inside a run."""
+    return ["validate", "mlp", "--against", "default,torch", "--seeds", "2", "--steps", str(steps),
+            "--eval-every", "50", "--batch-size", "4", "--device", "cpu", "--out", "r.json", *extra]  # fmt: skip
 
 
 def kept_runs(folder: Path) -> dict[tuple[str, int], list[float]]:
@@ -422,7 +423,9 @@ def kept_runs(folder: Path) -> dict[tuple[str, int], list[float]]:
     return {(r["contender"], r["seed"]): r["train_losses"] for r in data["runs"]}
 
 
-def check_validate_resumed(command: Command, folder: Path, kept: dict[tuple[str, int], list[float]]) -> None:
+def check_validate_resumed(
+    command: Command, folder: Path, kept: dict[tuple[str, int], list[float]], steps: int = 300
+) -> None:
     """The completed re-run: every (contender, seed), the kept ones taken as they were, the side file gone."""
     from muonprof.validate import load_results
 
@@ -431,7 +434,7 @@ def check_validate_resumed(command: Command, folder: Path, kept: dict[tuple[str,
     result = load_results(folder / "r.json")
     assert set(result.contenders) == {"default", "torch"} and result.summary["reference"] == "default"
     for contender in result.contenders.values():
-        assert sorted(contender.runs) == [0, 1] and all(r.steps_done == 300 for r in contender.runs.values())
+        assert sorted(contender.runs) == [0, 1] and all(r.steps_done == steps for r in contender.runs.values())
     resumed = {(r["contender"], r["seed"]) for r in result.meta["resumed_runs"]}
     assert resumed == set(kept)
     for (name, seed), losses in kept.items():
@@ -467,14 +470,96 @@ def test_validate_nproc_sigkill_leaves_no_worker_and_resumes(
     """SIGKILL to ``validate --nproc 2`` (the parent: its workers die with it) after a finished run; the same
     command again reuses that run. (Ctrl-C of --nproc is test_validate_nproc.py's.)"""
     before = snapshot(tmp_path)
-    command = muonprof(*validate_args("--nproc", "2"))
+    command = muonprof(*validate_args("--nproc", "2", steps=100))
     command.wait_until(lambda: len(kept_runs(tmp_path)) >= 1, "a finished run")
     command.interrupt("sigkill")
     check_interrupted(command, "sigkill", before, tmp_path)
+    assert not (tmp_path / "r.json").exists() and len(kept_runs(tmp_path)) < 4
     deadline = time.monotonic() + 15
     while _tagged_processes(command.tag) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _tagged_processes(command.tag) == [], "a worker outlived its SIGKILLed parent"
     kept = kept_runs(tmp_path)
-    command = muonprof(*validate_args("--nproc", "2"))
-    check_validate_resumed(command, tmp_path, kept)
+    command = muonprof(*validate_args("--nproc", "2", steps=100))
+    check_validate_resumed(command, tmp_path, kept, steps=100)
+
+
+# ------------------------------------------------------------------------------------------ ownerless trials
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_trial_killed_before_its_claim_is_run_again_at_once(tmp_path: Path) -> None:
+    """SIGKILL between ``ask()`` and ``claim()`` leaves a RUNNING trial with no owner. When every worker
+    registered with the study is a dead process of this host it is stale at once (no 60 s wait) and the
+    budget is still met; while a registered worker lives it counts as that worker's."""
+    import socket
+
+    from muonprof.tune.study import WORKER_ATTR, open_storage, run_until, stale_trials
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="s")
+    study.set_user_attr(f"{WORKER_ATTR}{socket.gethostname()}:{_dead_pid()}", True)
+    orphan = study.ask()  # asked, never claimed
+    assert [t.number for t in stale_trials(study)] == [orphan.number]
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        study.set_user_attr(f"{WORKER_ATTR}{socket.gethostname()}:{sleeper.pid}", True)
+        assert stale_trials(study) == []  # a live worker may be about to claim it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert [t.number for t in stale_trials(study)] == [orphan.number]
+    ran = run_until(study, lambda trial: trial.suggest_float("x", 0, 1), 3)
+    states = [t.state for t in study.trials]
+    assert ran == 3 and states == [TrialState.FAIL, *[TrialState.COMPLETE] * 3]
+
+
+# ------------------------------------------------------------------------------------------ validate's stored runs
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_validate_trains_only_the_runs_not_given_to_resume() -> None:
+    """Stored runs are taken as they are (a ``stored`` event, named in meta); the others train, and a run
+    trained again gives the same numbers as the first time, which is what makes resuming sound."""
+    from muonprof.validate import validate
+
+    options: dict[str, Any] = {"contenders": "default,adamw", "steps": 4, "eval_every": 2, "batch_size": 4,
+                               "seeds": 2}  # fmt: skip
+    first = validate("mlp", **options)
+    kept = {("default", 0): first.contenders["default"].runs[0], ("adamw", 1): first.contenders["adamw"].runs[1]}
+    events: list[Any] = []
+    again = validate("mlp", **options, resume=kept, progress=events.append)
+    assert {(e.contender, e.seed) for e in events if e.kind == "start"} == {("default", 1), ("adamw", 0)}
+    assert {(e.contender, e.seed) for e in events if e.kind == "stored"} == set(kept)
+    assert again.contenders["adamw"].runs[1] is kept[("adamw", 1)]
+    assert again.meta["resumed_runs"] == [{"contender": "default", "seed": 0}, {"contender": "adamw", "seed": 1}]
+    for name, seed in (("default", 1), ("adamw", 0)):
+        assert again.contenders[name].runs[seed].train_losses == first.contenders[name].runs[seed].train_losses
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_run_store_keeps_runs_only_for_the_same_inputs(tmp_path: Path) -> None:
+    from muonprof.train import TrainResult
+    from muonprof.validate.checkpoint import RunStore, partial_path
+
+    path = partial_path(tmp_path / "r.json")
+    assert path.name == "r.json.partial"
+    run = TrainResult(steps_planned=2, train_losses=[1.5, float("nan")], wall_s=[0.1, 0.2], step_s=[0.1, 0.1],
+                      optimizer_step_s=[0.01, 0.01], grad_evals=[1, 2])  # fmt: skip
+    store = RunStore.open(path, {"steps": 2})
+    assert store.runs == {} and store.ignored is None and not path.exists()
+    store.add("default", 3, run)
+    back = RunStore.open(path, {"steps": 2})
+    assert back.ignored is None and list(back.runs) == [("default", 3)]
+    assert back.runs[("default", 3)].to_dict() == run.to_dict()
+    other = RunStore.open(path, {"steps": 4})
+    assert other.runs == {} and other.ignored == "made with other options"
+    path.write_text("{half a file")
+    assert RunStore.open(path, {"steps": 2}).ignored == "unreadable (ValueError)"
+    store.remove()
+    assert not path.exists()
