@@ -6,14 +6,14 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from ._version import __version__
-from .console import console, fail, failure_reported, print_json, styled
+from .console import console, err_console, fail, print_json, styled
 
 app = typer.Typer(
     name="muonprof",
@@ -244,24 +244,15 @@ for _command_module in ("spectrum", "bench", "device", "tune", "validate"):
 
 
 def main() -> None:
-    """Console-script entry point. Ctrl-C ends every command with exit 130 and one line: the command's own
-    (``fail(..., 130)``, saying what was kept), else ``error: interrupted`` from here. Typer turns a
-    KeyboardInterrupt that escapes a command into a *silent* exit 130, so that exit is given its line too."""
+    """Console-script entry point."""
     from .interrupts import recorded_interrupts
 
     try:
         with recorded_interrupts():
             app()
     except KeyboardInterrupt:
-        _interrupted()
-    except SystemExit as ended:
-        if ended.code == 130 and not failure_reported():
-            _interrupted()
-        raise
+        from ._files import remove_created_folders
 
-
-def _interrupted() -> NoReturn:
-    try:
-        fail("interrupted", 130)
-    except typer.Exit:
+        remove_created_folders()
+        err_console.print("interrupted")
         sys.exit(130)

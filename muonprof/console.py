@@ -27,7 +27,6 @@ __all__ = [
     "description_column",
     "err_console",
     "fail",
-    "failure_reported",
     "field_column",
     "in_range",
     "literal_console",
@@ -50,23 +49,13 @@ def styled(*parts: str | tuple[str, str]) -> Text:
     return Text.assemble(*parts)
 
 
-_reported = False  # set by fail(): the command has said why it ends
-
-
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``error: message`` (one line per line of the message) on stderr and exit with ``code``, after
     removing the output folders this run created and left empty."""
-    global _reported
-    _reported = True
     remove_created_folders()
     for line in str(message).splitlines() or [str(message)]:
         err_console.print(styled(("error:", "bold red"), " ", line), soft_wrap=True)
     raise typer.Exit(code)
-
-
-def failure_reported() -> bool:
-    """Whether :func:`fail` has printed this process's error line (so the exit needs no second one)."""
-    return _reported
 
 
 def description_column() -> TextColumn:
