@@ -9,13 +9,63 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.table import Table
 from rich.text import Text
 
 from ._version import __version__
 from .console import console, err_console, fail, print_json, styled
 
+# Typer >= 0.20 vendors click (typer._click), older releases use click itself: take the exception classes from
+# wherever typer's own BadParameter lives, so both kinds are caught.
+_click_errors = sys.modules[typer.BadParameter.__module__]
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors as one line, Ctrl-C as one line, for every subcommand.
+
+    Typer draws a usage error (a bad option value, an unknown option or command) as a six-line rich box, and
+    turns Ctrl-C into a silent exit 130 that skips our cleanup. Both are handled here, at the root group, so the
+    installed command and in-process runners (tests, ``CliRunner``) behave the same.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            from ._files import remove_created_folders
+
+            remove_created_folders()
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _click_errors.UsageError as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # the help text is the message, printed already
+                sys.exit(err.exit_code)
+            path = err.ctx.command_path if err.ctx is not None else "muonprof"
+            message = " ".join(err.format_message().split())
+            err_console.print(
+                styled(("error:", "bold red"), f" {path}: {message} (see '{path} --help')"), soft_wrap=True
+            )
+            sys.exit(err.exit_code)
+        except _click_errors.ClickException as err:
+            err_console.print(
+                styled(("error:", "bold red"), " " + " ".join(err.format_message().split())), soft_wrap=True
+            )
+            sys.exit(err.exit_code)
+        except (typer.Abort, getattr(_click_errors, "Abort", typer.Abort)):
+            err_console.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="muonprof",
     help="Profile, tune and run the Muon family of optimizers per layer.",
     no_args_is_help=True,

@@ -159,6 +159,12 @@ CLI_CASES: list[tuple[list[str], str]] = [
     (["validate", "mlp", "--profile", "nan.profile.json", "--out", "new/r.json"], "NaN"),
     (["validate", "mlp", "--profile", "x[/x].json", "--out", "new/r.json"], "x[/x].json"),
     (["validate", "--from", "nan.results.json"], "NaN"),
+    # usage errors Typer would draw as a six-line box: one line naming the command, the problem and --help
+    (["tune", "mlp", "--trials", "abc"], "muonprof tune: Invalid value for '--trials'"),
+    (["bench", "--bogus"], "muonprof bench: No such option: --bogus"),
+    (["nosuch"], "muonprof: No such command 'nosuch'."),
+    (["profile", "show"], "muonprof profile show: Missing argument 'file'. (see 'muonprof profile show --help')"),
+    (["validate", "mlp", "--seeds", "[bold]x"], "Invalid value for '--seeds'"),
     # device
     (["device", "--device", "cuda:-1", "--no-probe"], "cuda:-1"),
     (["device", "--device", "[/x]", "--no-probe"], "[/x]"),
@@ -407,3 +413,20 @@ def test_ctrl_c_in_tune_is_one_line_without_optunas_traceback(
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "interrupted" in errors[0]
     assert snapshot(fixtures) == before
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Typer turns Ctrl-C into a silent exit 130; the root group prints one line and removes the empty output
+    folders the run created first."""
+    import muonprof.profile
+    from muonprof._files import check_writable
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        check_writable(tmp_path / "made" / "p.json")  # the run has created an output folder by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(muonprof.profile, "load_profile", interrupted)
+    result = runner.invoke(app, ["profile", "show", "p.json"])
+    assert result.exit_code == 130, result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == ["interrupted"]
+    assert not (tmp_path / "made").exists()
