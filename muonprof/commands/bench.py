@@ -103,6 +103,8 @@ def bench_command(
             tasks[phase] = progress.add_task(phase, total=max(total, 1), detail="")
         progress.update(tasks[phase], completed=done, total=max(total, 1), detail=detail[:60])
 
+    # Said before the work starts: a progress bar on a non-terminal shows nothing until the end.
+    shown.print(f"bench: timing and scoring the candidates on {torch_device} for {spectra_path}")
     try:
         with progress:
             result = run_bench(
@@ -117,6 +119,8 @@ def bench_command(
             )
     except (GridError, BenchError) as err:
         fail(f"{err} (no bench file written)", 2)
+    except KeyboardInterrupt:
+        fail("interrupted (no bench file written; run the same command again to redo it)", 130)
 
     save_bench(result, out)
     if plot is not None:

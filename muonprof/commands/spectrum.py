@@ -185,6 +185,8 @@ def spectrum_command(
         fail(f"out of memory on {torch_device}: try a smaller --batch-size or --seq-len (no spectra file written)")
     except (DataError, WorkloadError) as err:
         fail(str(err), 2)
+    except KeyboardInterrupt:  # a capture is one training run: redone whole, never half-saved
+        fail("interrupted (no spectra file written; run the same command again to redo it)", 130)
 
     save_spectra(spectra, out)
     if plot is not None:

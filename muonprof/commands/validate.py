@@ -164,23 +164,36 @@ def validate_command(
     except (ModelSpecError, DeviceError, OutputPathError, ValidationError, ContenderError) as err:
         fail(_one_line(err), 2)
 
+    from ..validate.checkpoint import RunStore, partial_path
+
+    store = RunStore.open(partial_path(out), _run_inputs(
+        model, profile, against, steps, time_budget, eval_every, data, batch_size, seq_len, overrides, torch_device,
+        lr, adamw_lr, baseline_lr, nproc,
+    ))  # fmt: skip
+    if store.runs:
+        shown.print(f"resuming: {len(store.runs)} finished runs from {store.path} (the same command was interrupted)")
+    elif store.ignored is not None:
+        shown.print(styled(("note:", "yellow"), f" not resuming from {store.path}: {store.ignored}"))
     progress = training_progress(shown, as_json)
     tasks: dict[tuple[str, int], Any] = {}
     multi_seed = seeds > 1
 
     def report(event: ProgressEvent) -> None:
         key = (event.contender, event.seed)
+        label = event.contender + (f" seed {event.seed}" if multi_seed else "")
         if event.kind == "skipped":
             shown.print(styled(("skipping", "yellow"), f" {event.contender}: {event.message}"))
         elif event.kind == "start":
-            label = event.contender + (f" seed {event.seed}" if multi_seed else "")
             tasks[key] = progress.add_task(label, total=event.total, loss="-")
+        elif event.kind == "stored":
+            tasks[key] = progress.add_task(label, total=event.total, completed=event.step, loss="stored")
         elif event.kind == "step":
             progress.update(tasks[key], completed=event.step, loss=f"{event.loss:.4f}")
         elif event.kind == "done" and event.result is not None:
             r = event.result
             note = f"diverged at {r.diverged_at}" if r.diverged_at is not None else f"val {r.final_val_loss or 0:.4f}"
             progress.update(tasks[key], completed=event.total if r.stop_reason == "steps" else r.steps_done, loss=note)
+            store.add(event.contender, event.seed, r)  # kept before the next run starts: a Ctrl-C loses no run
 
     run = validate if nproc == 1 else partial(validate_distributed, nproc=nproc)
     try:
@@ -206,6 +219,7 @@ def validate_command(
                 command=" ".join(["muonprof", *sys.argv[1:]]),
                 reference=reference,
                 margin=margin,
+                resume=store.runs,
             )
     except (ProfileError, ContenderError, ValidationError, ModelSpecError, DataError, WorkloadError) as err:
         fail(_one_line(err) + " (no results file written)", 2)
@@ -216,9 +230,16 @@ def validate_command(
     except torch.OutOfMemoryError:
         fail(f"out of memory on {torch_device}: try a smaller --batch-size or --seq-len (no results file written)")
     except KeyboardInterrupt:
+        if store.runs:
+            fail(
+                f"interrupted: {len(store.runs)} finished runs are kept in {store.path}; run the same command again "
+                "to continue (no results file written)",
+                130,
+            )
         fail("interrupted (no results file written)", 130)
 
     save_results(result, out)
+    store.remove()
     _show(result, out, plot, as_json)
     if as_json:
         return
@@ -233,6 +254,43 @@ def validate_command(
             )
         )
     console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+
+
+def _run_inputs(
+    model: str,
+    profile: Path | None,
+    against: str,
+    steps: int,
+    time_budget: float | None,
+    eval_every: int | None,
+    data: str | None,
+    batch_size: int,
+    seq_len: int | None,
+    overrides: dict[str, Any],
+    device: Any,
+    lr: float | None,
+    adamw_lr: float | None,
+    baseline_lr: float | None,
+    nproc: int,
+) -> dict[str, Any]:
+    """Everything a run's numbers depend on (the key of the finished runs a re-run may reuse); the profile by
+    its bytes, so an edited profile is trained again. Not the seeds: each run is stored under its own."""
+    import hashlib
+
+    import torch
+
+    from .._version import __version__
+
+    try:
+        profile_digest = hashlib.sha256(profile.read_bytes()).hexdigest() if profile is not None else None
+    except OSError:
+        profile_digest = "unreadable"  # validate refuses it in one line before any run
+    return {
+        "model": model, "profile": profile_digest, "against": against, "steps": steps, "time_budget": time_budget,
+        "eval_every": eval_every, "data": data, "batch_size": batch_size, "seq_len": seq_len,
+        "overrides": overrides, "device": str(device), "lr": lr, "adamw_lr": adamw_lr, "baseline_lr": baseline_lr,
+        "nproc": nproc, "versions": [__version__, torch.__version__],
+    }  # fmt: skip
 
 
 def _rejudge(

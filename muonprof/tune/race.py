@@ -57,7 +57,7 @@ from ..workload import Workload
 from .space import BASELINE_LABEL, LayerMenu, TuneError
 from .stage1 import Assignment
 from .stage2 import DEFAULT_LR, LrChoice
-from .study import claim, fail_stale, open_study
+from .study import claim, fail_stale, open_study, register_worker
 
 UPDATE_FACTOR_RANGE = (0.1, 10.0)  # matched-update-size lr factors are clipped to this (degenerate spectra)
 
@@ -592,6 +592,7 @@ class _Jobs:
 
     def __init__(self, study: optuna.Study, train: TrainContender, notify: Callable[[RaceEvent], None]) -> None:
         self.study, self.train, self.notify = study, train, notify
+        register_worker(study)  # before any ask(): a run killed before its claim() is then seen as dead at once
         self.ran = 0
         self.done = 0
 

@@ -38,6 +38,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)  # count in the budget
 READY_ATTR = "fingerprint"  # written last by the creating worker: the study is ready for the others
 OWNERLESS_GRACE_S = 60.0  # a RUNNING trial without host/pid older than this is a dead worker's
+WORKER_ATTR = "worker:"  # study attribute "worker:HOST:PID" of every process that asks trials (register_worker)
 READY_WAIT_S = 120.0
 BLOB_CHUNK = 48_000  # characters per user attribute (MySQL's TEXT holds 64 KiB)
 
@@ -257,28 +258,66 @@ def claim(trial: optuna.Trial) -> None:
     trial.set_user_attr("pid", os.getpid())
 
 
-def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
+def register_worker(study: optuna.Study) -> None:
+    """Record, before this process asks its first trial of ``study``, that it works on it.
+
+    ``ask()`` and ``claim()`` are separate writes, so a worker killed between them (SIGKILL lands there
+    often: a stage-1 trial is mostly those storage calls) leaves a RUNNING trial without an owner. With
+    every asking process registered, the next worker sees at once that no live process can own it (all
+    registered ones are dead processes of this host) instead of waiting ``OWNERLESS_GRACE_S``."""
+    key = f"{WORKER_ATTR}{socket.gethostname()}:{os.getpid()}"
+    if key not in study.user_attrs:
+        study.set_user_attr(key, True)
+
+
+def _no_other_live_worker(study: optuna.Study) -> bool:
+    """Every process registered with ``study`` but this one is a dead process of this host (another host's
+    cannot be checked: it counts as live)."""
+    host = socket.gethostname()
+    for key in study.user_attrs:
+        if key.startswith(WORKER_ATTR):
+            their_host, _, pid = key[len(WORKER_ATTR) :].rpartition(":")
+            if their_host != host or (int(pid) != os.getpid() and _alive(int(pid))):
+                return False
+    return True
+
+
+def _ownerless(trial: optuna.trial.FrozenTrial) -> bool:
+    return "host" not in trial.user_attrs or "pid" not in trial.user_attrs  # (claim() writes one after the other)
+
+
+def is_stale(trial: optuna.trial.FrozenTrial, *, owners_gone: bool = False) -> bool:
     """A RUNNING trial whose process is gone: on this host with a dead pid (or our own pid: this process is
     single-threaded, so a RUNNING trial of ours is a leftover of an earlier, interrupted call), or without an
-    owner long after it started. Another host's trials cannot be checked and count as live."""
+    owner when ``owners_gone`` (no other registered worker is alive, see ``register_worker``) or long after
+    it started. Another host's trials cannot be checked and count as live."""
     attrs = trial.user_attrs
-    if "host" not in attrs or "pid" not in attrs:  # (claim() writes them one after the other)
+    if _ownerless(trial):
         start = trial.datetime_start
-        return start is not None and datetime.now() - start > timedelta(seconds=OWNERLESS_GRACE_S)
+        return owners_gone or (start is not None and datetime.now() - start > timedelta(seconds=OWNERLESS_GRACE_S))
     if attrs["host"] != socket.gethostname():
         return False
     pid = int(attrs["pid"])
     return pid == os.getpid() or not _alive(pid)
 
 
+def stale_trials(
+    study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial] | None = None
+) -> list[optuna.trial.FrozenTrial]:
+    """The stale RUNNING trials among ``trials`` (default: the study's), see ``is_stale``."""
+    pool = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if trials is None else trials
+    running = [t for t in pool if t.state == TrialState.RUNNING]
+    gone = any(_ownerless(t) for t in running) and _no_other_live_worker(study)
+    return [t for t in running if is_stale(t, owners_gone=gone)]
+
+
 def fail_stale(study: optuna.Study) -> int:
     """Mark the stale RUNNING trials (see ``is_stale``) FAIL, so their work is done again; returns how many."""
     failed = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if is_stale(t):
-            with contextlib.suppress(RuntimeError, ValueError):  # another worker failed it first
-                study.tell(t.number, state=TrialState.FAIL)
-                failed += 1
+    for t in stale_trials(study):
+        with contextlib.suppress(RuntimeError, ValueError):  # another worker failed it first
+            study.tell(t.number, state=TrialState.FAIL)
+            failed += 1
     return failed
 
 
@@ -314,17 +353,24 @@ def run_until(
     evaluated, so two workers together run exactly ``total``. An exception in the objective (Ctrl-C included)
     marks its trial FAIL and propagates: the next run does that trial again."""
     ran = 0
-    if any(t.state == TrialState.RUNNING and not is_stale(t) for t in study.get_trials(deepcopy=False)):
+    register_worker(study)
+    trials = study.get_trials(deepcopy=False)
+    if sum(t.state == TrialState.RUNNING for t in trials) > len(stale_trials(study, trials)):
         # Another worker is at it: draw other parameters than its sampler, seeded alike, is drawing.
         study.sampler.reseed_rng()
     while True:
         trials = study.get_trials(deepcopy=False)
-        if any(t.state == TrialState.RUNNING and is_stale(t) for t in trials):
+        if stale_trials(study, trials):
             fail_stale(study)
             continue
         counted = sum(1 for t in trials if _counted(t))
         if counted >= total and not any(t.state == TrialState.WAITING for t in trials):
-            break  # (a queued trial, e.g. stage 2's default given back by Ctrl-C, still runs)
+            # (a queued trial, e.g. stage 2's default given back by Ctrl-C, still runs.) The others' running
+            # trials count until they end; one whose worker died meanwhile is failed there: run its share.
+            wait_for_others(study, poll_s=poll_s)
+            if sum(1 for t in study.get_trials(deepcopy=False) if _counted(t)) >= total:
+                break
+            continue
         trial = study.ask()
         claim(trial)
         # Trials numbered before ours: the snapshot's, plus those other workers asked since (each counted,
@@ -347,7 +393,6 @@ def run_until(
         ran += 1
         if on_trial is not None:
             on_trial(study, frozen)
-    wait_for_others(study, poll_s=poll_s)
     return ran
 
 

@@ -14,7 +14,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -46,7 +46,8 @@ class ValidationError(ValueError):
 
 @dataclass
 class ProgressEvent:
-    """What ``progress`` is told: ``start`` / ``step`` / ``eval`` / ``done`` of a run, or ``skipped``."""
+    """What ``progress`` is told: ``start`` / ``step`` / ``eval`` / ``done`` of a run, ``stored`` for a run
+    taken from ``resume`` instead of trained, or ``skipped``."""
 
     kind: str
     contender: str
@@ -99,6 +100,7 @@ def validate(
     distributed: DistributedRun | None = None,
     reference: str | None = None,
     margin: float = DEFAULT_MARGIN,
+    resume: Mapping[tuple[str, int], TrainResult] | None = None,
 ) -> ValidationResult:
     """Train ``spec`` once per (seed, contender) and return the runs with their summary.
 
@@ -109,6 +111,9 @@ def validate(
     ``distributed``: run as one rank of ``validate --nproc N`` (see ``validate.distributed``); every rank
     calls this with the same arguments. ``reference``: the contender the others are judged against (default:
     ``default`` when it runs, else the first); ``margin``: the loss increase (nats) still non-inferior.
+    ``resume``: finished runs by (contender, seed) from an interrupted call with the same inputs (see
+    ``validate.checkpoint``); they are taken as they are (progress gets a ``stored`` event) instead of
+    trained again, and named in ``meta["resumed_runs"]``.
     """
     if steps < 1:
         raise ValidationError(f"--steps must be at least 1, got {steps}")
@@ -165,10 +170,19 @@ def validate(
     meta["judging"] = {"reference": reference, "max_loss_increase": margin}
     del first, initial
 
+    stored = dict(resume or {})
+    meta["resumed_runs"] = []
     for s in seed_values:
         for name in names:
             entry = runs[name]
             if entry.skipped is not None:
+                continue
+            if (name, s) in stored:
+                entry.runs[s] = stored[(name, s)]
+                meta["resumed_runs"].append({"contender": name, "seed": s})
+                if progress is not None:
+                    done = entry.runs[s]
+                    progress(ProgressEvent("stored", name, s, step=done.steps_done, total=steps, result=done))
                 continue
             workload = _workload(spec, s, load, distributed)
             built = build_contender(name, workload.model, profile=loaded_profile, seed=s, **options)
