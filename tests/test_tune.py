@@ -248,6 +248,38 @@ def test_cli_from_spectra_and_bench_to_a_loadable_profile(files: dict[str, Path]
     assert json.loads(again.stdout)["choice"]["picks"] == summary["choice"]["picks"]
 
 
+def test_cli_ladders_start_at_the_shipped_recipes_with_their_own_lr_scales(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "adaptive.json"
+    args = ["tune", str(files["spectra"]), "--bench", str(files["bench"]), "--trials", "15", "--lr-trials", "0",
+            "--race-candidates", "0", "--batch-size", "2", "--out", str(out), "--json", "--ladders"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    profile = load_profile(out)
+    laddered = {name: layer for name, layer in profile.layers.items() if layer.ladder is not None}
+    assert laddered, notes
+    assert any("adaptive ladders on" in n and "validate" in n for n in notes), notes
+    for name, layer in laddered.items():
+        rungs = layer.ladder.rungs
+        assert len(rungs) >= 2 and 0.0 <= layer.ladder.floor <= 1.0
+        start = rungs[layer.ladder.start]
+        assert start.lr_scale == pytest.approx(layer.lr_scale), name  # the shipped recipe, at its raced scale
+        assert (start.method or "newton_schulz") == (layer.method or "newton_schulz"), name
+        assert all(r.lr_scale is not None and r.lr_scale > 0 for r in rungs), name
+    workload = build_workload("gpt2-tiny", batch_size=2, seq_len=16)
+    opt = ProfiledMuon(workload.model, profile=str(out))
+    assert any(plan.ladder is not None for plan in opt.plans.values())
+    workload.loss(workload.train_batch(0)).backward()
+    opt.step()
+    # Without --ladders the same study writes no ladder.
+    plain = tmp_path / "plain.json"
+    again = runner.invoke(app, [*args[:-1], "--no-ladders", "--out", str(plain)])
+    assert again.exit_code == 0, again.stderr
+    assert all(layer.ladder is None for layer in load_profile(plain).layers.values())
+
+
 def test_cli_bad_inputs(files: dict[str, Path], tmp_path: Path) -> None:
     base = ["tune", str(files["spectra"]), "--bench", str(files["bench"]), "--lr-trials", "0"]
     out = ["--out", str(tmp_path / "p.json")]

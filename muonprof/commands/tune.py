@@ -172,6 +172,14 @@ def tune_command(
             help="Scale each candidate layer's lr so its predicted ||O||_F equals the default recipe's.",
         ),
     ] = True,
+    ladders: Annotated[
+        bool,
+        typer.Option(
+            "--ladders/--no-ladders",
+            help="Write adaptive ladders (per layer, cheap -> exact recipes from its stage-1 front, moved in "
+            "training by quality signals) around the shipped recipes. Off by default: validate proves them.",
+        ),
+    ] = False,
 ) -> None:
     """Pick per-layer orthogonalizers (stage 1), the default recipe's LR scaling (stage 2), race the candidates
     against the default in real training (stage 3), and write the winner's profile (or the default's)."""
@@ -237,6 +245,7 @@ def tune_command(
                 min_speedup=min_speedup,
                 match_update_size=match_update_size,
             ),
+            ladders=ladders,
             command=" ".join(["muonprof", *sys.argv[1:]]),
         )
         request.check()

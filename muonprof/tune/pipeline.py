@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,12 +43,21 @@ from ..models.registry import BUILTINS
 from ..profile import Profile, save_profile
 from ..profile import fingerprint as fingerprint_of
 from ..workload import Workload, build_workload
-from .race import Contender, RaceEvent, RaceOptions, RaceResult, build_contenders, pick_candidates, run_race
+from .race import (
+    Contender,
+    RaceEvent,
+    RaceOptions,
+    RaceResult,
+    build_contenders,
+    pick_candidates,
+    run_race,
+    update_size_factors,
+)
 from .run import Stage1Result, Stage2Result, check_bench_matches, default_study_name, tune_stage1, tune_stage2
-from .space import TuneError
+from .space import LayerMenu, Option, TuneError
 from .stage2 import LrChoice
 from .study import default_storage, finished_trials
-from .writer import build_profile, state_summary
+from .writer import build_profile, layer_ladder, state_summary
 
 Update = Callable[..., None]  # update(completed, total=None)
 _VOLATILE_META = frozenset({"created", "timings", "command", "versions"})  # a spectra file's, not its inputs
@@ -108,6 +117,7 @@ class TuneRequest:
     dtypes: str | None = None
     bench_seeds: int = 3
     race: RaceOptions = field(default_factory=RaceOptions)
+    ladders: bool = False  # write adaptive ladders around the shipped recipes (see _ladders)
     command: str = "muonprof tune"
 
     def check(self) -> None:
@@ -362,6 +372,16 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
         "lr_default_val_loss": s2.default_value if s2 else None,
         "update_size_factors": shipped_contender.update_factors or None,
     }
+    ladders = None
+    if request.ladders:
+        ladders = _ladders(s1.menus, shipped_contender.assignment.picks, lr, momentum, request.race.match_update_size)
+        notes.append(
+            f"adaptive ladders on {len(ladders)} layer(s), starting at the shipped recipes; the race proved those "
+            "static recipes, not the adaptation: run `muonprof validate --profile PROFILE` (it races the static "
+            "twin too)"
+            if ladders
+            else "--ladders: no layer has a second recipe on its stage-1 front that reports the same signal"
+        )
     meta = bench.meta.get("device") or {}
     profile = build_profile(
         model=model,
@@ -377,6 +397,7 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
         notes="; ".join(notes) or None,
         state=state,
         race={**race.to_json(), "reference_profile": contenders[0].profile} if race is not None else None,
+        ladders=ladders,
     )
     save_profile(profile, out)
     return TuneOutcome(
@@ -435,6 +456,36 @@ def _race(
             seed=request.seed,
             progress=on_event,
         )
+
+
+def _ladders(
+    menus: Sequence[LayerMenu],
+    picks: Mapping[str, str],
+    lr: LrChoice,
+    momentum: Mapping[str, torch.Tensor] | None,
+    match_update_size: bool,
+) -> dict[str, dict[str, Any]]:
+    """Per layer, a ladder from its stage-1 front around the shipped recipe (``writer.layer_ladder``), floor from
+    the layer's last captured momentum spectrum; each rung gets the lr scale the race would train that recipe
+    with, so a move changes the orthogonalizer, not the step size."""
+    out: dict[str, dict[str, Any]] = {}
+    for menu in menus:
+        spectrum = momentum.get(menu.name) if momentum is not None else None
+        if spectrum is None or menu.name not in picks:
+            continue
+
+        def scale(option: Option, menu: LayerMenu = menu, spectrum: torch.Tensor = spectrum) -> float:
+            factor = (
+                update_size_factors([menu], {menu.name: option.label}, {menu.name: spectrum})[menu.name]
+                if match_update_size
+                else 1.0
+            )
+            return lr.scales([menu], {menu.name: option.config})[menu.name] * factor
+
+        ladder = layer_ladder(menu, picks[menu.name], spectrum, lr_scale=scale)
+        if ladder is not None:
+            out[menu.name] = ladder
+    return out
 
 
 def _layer_scales(contender: Contender) -> dict[str, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,6 +66,7 @@ def layer_ladder(
     margin: float = 0.05,
     patience: int = 3,
     every: int = 50,
+    lr_scale: Callable[[Any], float] | None = None,
 ) -> dict[str, Any] | None:
     """A ladder for one layer from its stage-1 front (``menu``) around the recipe the race accepted (``chosen``).
 
@@ -75,7 +76,9 @@ def layer_ladder(
     chosen one included and the start rung. The floor is the chosen recipe's predicted signal on ``spectrum``
     (the layer's captured momentum spectrum: what the race accepted it on) minus ``slack``, clipped to [0, 1]:
     the layer climbs once its spectrum has become harder than that. None when no other rung fits (a one-rung
-    ladder would never move)."""
+    ladder would never move). ``lr_scale(option)``: each rung's own lr_scale (tune gives every rung the scale the
+    race would train that recipe with: stage 2's, times its update-size factor); without it rungs take the
+    layer's."""
     from ..optim.distributed import ortho_flops
     from ..ortho.signals import predicted_signal, signal_kind
 
@@ -106,7 +109,9 @@ def layer_ladder(
         return None
     signal = predicted_signal(spectrum, pick.config, menu.shape)
     return {
-        "rungs": [settings_of(o.config) for o in rungs],
+        "rungs": [
+            {**settings_of(o.config), **({"lr_scale": lr_scale(o)} if lr_scale is not None else {})} for o in rungs
+        ],
         "floor": min(1.0, max(0.0, signal - slack)),
         "margin": margin,
         "patience": patience,
