@@ -75,90 +75,9 @@ def _known_preset(value: str | None) -> str | None:
     return value
 
 
-class LadderRung(_Strict):
-    """One rung of a ladder: a full orthogonalizer recipe (the orthogonalizer keys a layer entry has) and
-    optionally its own ``lr_scale``. A rung does not inherit the layer's orthogonalizer keys: it starts from
-    torch.optim.Muon's recipe (Jordan x5, bf16), its ``preset`` expands first, its keys override."""
+class OrthoRecipe(_Strict):
+    """The orthogonalizer keys: what a layer entry and a ladder rung share (one declaration, one set of checks)."""
 
-    preset: str | None = None
-    method: Literal["newton_schulz", "svd", "lowrank", "rsvd", "subset"] | None = None
-    ns_steps: int | None = Field(None, ge=0, le=100)
-    coefficients: Coefficients | None = None
-    rank: int | None = Field(None, gt=0)
-    range_finder: Literal["power", "columns"] | None = None
-    power_iters: int | None = Field(None, ge=0)
-    oversample: int | None = Field(None, ge=0)
-    core: Literal["newton_schulz", "svd"] | None = None
-    full_below: int | None = Field(None, ge=0)
-    error_feedback: StrictBool | None = None
-    fraction: float | None = Field(None, gt=0, le=1)
-    gram: StrictBool | None = None
-    gram_restarts: list[Annotated[StrictInt, Field(ge=1)]] | None = None
-    dtype: Literal["bfloat16", "float32"] | None = None
-    eps: float | None = Field(None, gt=0)
-    lr_scale: float | None = Field(
-        None, gt=0, le=1e6, description="This rung's lr_scale (a rung changes the update size); unset: the layer's."
-    )
-
-    @field_validator("lr_scale", "eps", "fraction")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        return _finite_number(value)
-
-    @field_validator("coefficients")
-    @classmethod
-    def _known_schedule(cls, value: Coefficients | None) -> Coefficients | None:
-        return _known_schedule(value)
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str | None) -> str | None:
-        return _known_preset(value)
-
-    def explicit(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True, exclude_unset=True)
-
-
-class Ladder(_Strict):
-    """Recipes from cheap to exact that ProfiledMuon moves a layer along while it trains (``optim.ladder``).
-
-    Every ``every`` steps the optimizer measures the active rung's quality signal (in [0, 1], 1 = exact;
-    ``ortho.signals``): below ``floor`` the layer moves one rung up at once; after ``patience`` consecutive
-    measurements at or above ``floor + margin`` it moves one rung down (a cheaper rung that then falls below
-    the floor is retried only after twice as long each time, so a stationary spectrum does not flap)."""
-
-    rungs: list[LadderRung] = Field(..., description="Recipes ordered cheap -> expensive (by flops for the shape).")
-    floor: float = Field(..., description="The quality below which the layer climbs, in [0, 1] (signal scale).")
-    margin: float = Field(0.05, ge=0, le=1, description="Slack above the floor needed to count toward a descent.")
-    patience: int = Field(3, ge=1, description="Consecutive slack measurements before moving one rung down.")
-    every: int = Field(50, ge=1, description="Measure the signal (and decide) every this many steps (K).")
-    start: int = Field(0, ge=0, description="The rung a fresh run starts on (index into rungs).")
-
-    @field_validator("rungs")
-    @classmethod
-    def _not_empty(cls, value: list[LadderRung]) -> list[LadderRung]:
-        if not value:
-            raise ValueError("a ladder needs at least one rung")
-        return value
-
-    @field_validator("floor")
-    @classmethod
-    def _unit_floor(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"floor must be in [0, 1] (the signal's scale), got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _start_in_range(self) -> Ladder:
-        if self.start >= len(self.rungs):
-            raise ValueError(f"start {self.start} is not a rung index (the ladder has {len(self.rungs)} rungs)")
-        return self
-
-
-class LayerSettings(_Strict):
-    """One layer's recipe (or the ``defaults`` block). Every key is optional: unset keys inherit."""
-
-    optimizer: Literal["muon", "adamw"] | None = Field(None, description="Which update rule the layer gets.")
     preset: str | None = Field(None, description="A named orthogonalizer recipe, e.g. lowrank_he2025.")
     method: Literal["newton_schulz", "svd", "lowrank", "rsvd", "subset"] | None = Field(
         None,
@@ -208,6 +127,82 @@ class LayerSettings(_Strict):
     )
     dtype: Literal["bfloat16", "float32"] | None = None
     eps: float | None = Field(None, gt=0)
+
+    @field_validator("eps", "fraction")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        return _finite_number(value)
+
+    @field_validator("coefficients")
+    @classmethod
+    def _known_schedule(cls, value: Coefficients | None) -> Coefficients | None:
+        return _known_schedule(value)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        return _known_preset(value)
+
+    def explicit(self) -> dict[str, Any]:
+        """Only the keys the author actually set."""
+        return self.model_dump(exclude_none=True, exclude_unset=True)
+
+
+class LadderRung(OrthoRecipe):
+    """One rung of a ladder: a full orthogonalizer recipe (the orthogonalizer keys a layer entry has) and
+    optionally its own ``lr_scale``. A rung does not inherit the layer's orthogonalizer keys: it starts from
+    torch.optim.Muon's recipe (Jordan x5, bf16), its ``preset`` expands first, its keys override."""
+
+    lr_scale: float | None = Field(
+        None, gt=0, le=1e6, description="This rung's lr_scale (a rung changes the update size); unset: the layer's."
+    )
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _finite_scale(cls, value: float | None) -> float | None:
+        return _finite_number(value)
+
+
+class Ladder(_Strict):
+    """Recipes from cheap to exact that ProfiledMuon moves a layer along while it trains (``optim.ladder``).
+
+    Every ``every`` steps the optimizer measures the active rung's quality signal (in [0, 1], 1 = exact;
+    ``ortho.signals``): below ``floor`` the layer moves one rung up at once; after ``patience`` consecutive
+    measurements at or above ``floor + margin`` it moves one rung down (a cheaper rung that then falls below
+    the floor is retried only after twice as long each time, so a stationary spectrum does not flap)."""
+
+    rungs: list[LadderRung] = Field(..., description="Recipes ordered cheap -> expensive (by flops for the shape).")
+    floor: float = Field(..., description="The quality below which the layer climbs, in [0, 1] (signal scale).")
+    margin: float = Field(0.05, ge=0, le=1, description="Slack above the floor needed to count toward a descent.")
+    patience: int = Field(3, ge=1, description="Consecutive slack measurements before moving one rung down.")
+    every: int = Field(50, ge=1, description="Measure the signal (and decide) every this many steps (K).")
+    start: int = Field(0, ge=0, description="The rung a fresh run starts on (index into rungs).")
+
+    @field_validator("rungs")
+    @classmethod
+    def _not_empty(cls, value: list[LadderRung]) -> list[LadderRung]:
+        if not value:
+            raise ValueError("a ladder needs at least one rung")
+        return value
+
+    @field_validator("floor")
+    @classmethod
+    def _unit_floor(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"floor must be in [0, 1] (the signal's scale), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _start_in_range(self) -> Ladder:
+        if self.start >= len(self.rungs):
+            raise ValueError(f"start {self.start} is not a rung index (the ladder has {len(self.rungs)} rungs)")
+        return self
+
+
+class LayerSettings(OrthoRecipe):
+    """One layer's recipe (or the ``defaults`` block). Every key is optional: unset keys inherit."""
+
+    optimizer: Literal["muon", "adamw"] | None = Field(None, description="Which update rule the layer gets.")
     lr_rule: Literal["original", "match_rms_adamw", "spectral", "none"] | None = Field(
         None, description="Shape rule: step = base lr x lr_rule(shape) x lr_scale."
     )
@@ -237,24 +232,10 @@ class LayerSettings(_Strict):
         ),
     )
 
-    @field_validator("lr_scale", "eps", "fraction")
+    @field_validator("lr_scale")
     @classmethod
-    def _finite(cls, value: float | None) -> float | None:
+    def _finite_scale(cls, value: float | None) -> float | None:
         return _finite_number(value)
-
-    @field_validator("coefficients")
-    @classmethod
-    def _known_schedule(cls, value: Coefficients | None) -> Coefficients | None:
-        return _known_schedule(value)
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str | None) -> str | None:
-        return _known_preset(value)
-
-    def explicit(self) -> dict[str, Any]:
-        """Only the keys the author actually set."""
-        return self.model_dump(exclude_none=True, exclude_unset=True)
 
 
 class LayerEntry(LayerSettings):
