@@ -26,6 +26,8 @@ from muonprof import ProfiledMuon
 from muonprof.profile import load_profile, without_ladders
 from muonprof.workload import build_workload
 
+from .bench_step import paired_ratio
+
 
 def signals_against_floors(model: str, profile_path: str, steps: int, batch_size: int, lr: float) -> None:
     workload = build_workload(model, batch_size=batch_size, seed=0)
@@ -55,7 +57,8 @@ def paired_step_ratio(model: str, profile_path: str, rounds: int, batch_size: in
     for p, q in zip(workload.model.parameters(), twin_model.parameters(), strict=True):
         q.grad = None if p.grad is None else p.grad.clone()
     load_before = os.getloadavg()
-    ratios, times_a, times_s = [], [], []
+    times_a: list[float] = []
+    times_s: list[float] = []
     for r in range(rounds):
         seconds = {}
         for name, opt in (("a", adaptive), ("s", static)) if r % 2 == 0 else (("s", static), ("a", adaptive)):
@@ -64,10 +67,10 @@ def paired_step_ratio(model: str, profile_path: str, rounds: int, batch_size: in
             seconds[name] = time.perf_counter() - t0
         times_a.append(seconds["a"])
         times_s.append(seconds["s"])
-        ratios.append(seconds["a"] / seconds["s"])
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    ratio, quartiles = paired_ratio(times_a, times_s)
+    spread = f"IQR {quartiles[0]:.3f}-{quartiles[1]:.3f}, " if quartiles else ""
     print(
-        f"{model}: adaptive / static optimizer step {statistics.median(ratios):.3f}x (IQR {q1:.3f}-{q3:.3f}, "
+        f"{model}: adaptive / static optimizer step {ratio:.3f}x ({spread}"
         f"{rounds} interleaved rounds); medians {statistics.median(times_a) * 1e3:.2f} vs "
         f"{statistics.median(times_s) * 1e3:.2f} ms; load {load_before} -> {os.getloadavg()}, "
         f"{torch.get_num_threads()} torch threads"
