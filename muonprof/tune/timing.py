@@ -17,7 +17,6 @@ the same measurement.
 from __future__ import annotations
 
 import copy
-import os
 import random
 import statistics
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..device.load import load_average
 from ..workload import Workload
 from .stage2 import DEFAULT_LR
 
@@ -82,7 +82,7 @@ def interleaved_step_times(
             timed(name)
     samples: dict[str, list[float]] = {name: [] for name in names}
     order = random.Random(seed)
-    load_before = _load()
+    load_before = load_average()
     done = 0
     limit = rounds * MAX_ROUND_FACTOR
     while done < limit:
@@ -107,7 +107,7 @@ def interleaved_step_times(
         "optimizer_share": share,
         "amdahl_bound": 1 / (1 - share) if share < 1 else float("inf"),
         "load_before": load_before,
-        "load_after": _load(),
+        "load_after": load_average(),
         "threads": torch.get_num_threads(),
         "method": (
             "one process, every profile's optimizer.step() on its own copy of the model with the same real "
@@ -126,8 +126,3 @@ def _spread(values: list[float]) -> float:
     return (q[2] - q[0]) / mid if mid > 0 else 0.0
 
 
-def _load() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._version import __version__
+from ..device.load import load_average
 from ..profile import fingerprint, has_ladders, load_profile
 from ..stats import DEFAULT_MARGIN, check_margin
 from ..train import RankSync, TrainResult, train
@@ -190,7 +191,7 @@ def validate(
             entry.runs[s] = _run_one(
                 workload, built.optimizer, name, s, steps, every, time_budget_s, progress, clock, sync
             )
-    meta["cpu_load_after"] = _load_average()
+    meta["cpu_load_after"] = load_average()
     result = ValidationResult(meta, seed_values, runs)
     result.summarize(reference=reference, margin=margin)
     return result
@@ -351,7 +352,7 @@ def _meta(
             "platform": platform.platform(),
         },
         "torch_threads": torch.get_num_threads(),
-        "cpu_load_before": _load_average(),
+        "cpu_load_before": load_average(),
         "peak_memory": (
             "cuda: torch.cuda.max_memory_allocated per run; cpu: the whole process's peak RSS, reset per run "
             "on Linux (VmHWM), else the process-wide high-water mark since start"
@@ -369,11 +370,6 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 __all__ = [
