@@ -276,12 +276,15 @@ def test_bench_interrupted_twice_then_the_same_command_writes_it(
 TRIALS, LR_TRIALS, RACE_RUNS = 24, 3, 4  # race: default + 1 candidate, 2 seeds, one rung
 TUNE = ["tune", "gpt2-tiny", "--trials", str(TRIALS), "--lr-trials", str(LR_TRIALS), "--lr-steps", "16",
         "--race-candidates", "1", "--race-seeds", "2", "--race-steps", "8", "--race-rungs", "1",
-        "--race-eval-every", "4", "--capture-steps", "80", "--warmup-steps", "0", "--captures", "1",
-        "--window", "0", "--batch-size", "2", "--seq-len", "16", "--methods", "newton_schulz,lowrank,rsvd",
+        "--race-eval-every", "4", "--confirm-steps", "0", "--capture-steps", "80", "--warmup-steps", "0",
+        "--captures", "1", "--window", "0", "--batch-size", "2", "--seq-len", "16",
+        "--methods", "newton_schulz,lowrank,rsvd",
         "--ns-steps", "2,3", "--ranks", "4", "--dtype", "bf16", "--device", "cpu", "--study-name", "f",
         "--out", "p.json", "--json"]  # fmt: skip
 """80 capture steps and the rsvd/lowrank bench last a few seconds each: long enough to be interrupted inside;
-the stage-2 trials (16 steps) and race runs (8 steps) are stored one by one and interrupted between."""
+the stage-2 trials (16 steps) and race runs (8 steps) are stored one by one and interrupted between. No
+confirmation run (``--confirm-steps 0``), so that the race's run count is fixed: a confirmation's runs are race
+jobs like the others (test_race.py interrupts and resumes one)."""
 
 
 class Studies:

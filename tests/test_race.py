@@ -262,6 +262,7 @@ def test_cli_race_writes_the_verdict_into_the_profile_and_resumes(tiny_files: di
     summary = json.loads(first.stdout)
     race_json = summary["race"]
     assert race_json["options"]["horizons"] == [2, 4] and race_json["seeds"] == [0, 1]
+    assert race_json["options"]["confirm_steps"] == 8  # the CLI's default: twice the race horizon
     names = {row["name"] for row in race_json["table"]}
     assert "default" in names and len(names) >= 2
     assert summary["shipped"] == race_json["winner"]
@@ -297,6 +298,7 @@ def test_cli_race_writes_the_verdict_into_the_profile_and_resumes(tiny_files: di
         (["--race-seeds", "0"], "--race-seeds must be at least 1"),
         (["--max-loss-increase", "-0.1"], "--max-loss-increase"),
         (["--race-steps", "3", "--race-eval-every", "5"], "shorter than one evaluation"),
+        (["--race-steps", "4", "--race-eval-every", "2", "--confirm-steps", "4"], "--confirm-steps must be longer"),
     ],
 )
 def test_cli_bad_race_options_are_one_line_errors(
@@ -308,3 +310,87 @@ def test_cli_bad_race_options_are_one_line_errors(
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output and not out.exists() and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ confirmation
+
+
+class Drifting(Planted):
+    """``Planted``, plus an extra offset per contender on evaluations after step ``after``: a recipe that holds
+    the default's loss over the race horizon and falls behind later."""
+
+    def __init__(self, offsets: dict[str, float], late: dict[str, float], after: int, every: int) -> None:
+        super().__init__(offsets, {}, every)
+        self.late, self.after = late, after
+
+    def __call__(self, contender: Contender, seed: int, horizon: int) -> JobResult:
+        result = super().__call__(contender, seed, horizon)
+        extra = self.late.get(contender.name, 0.0)
+        noise = [0.001, -0.001, 0.0005][seed]
+        result.evals = [
+            EvalPoint(p.step, p.wall_s, p.val_loss + (extra + noise) * (p.step > self.after))  # type: ignore[operator]
+            for p in result.evals
+        ]
+        return result
+
+
+CONFIRM = RaceOptions(candidates=2, seeds=3, steps=20, rungs=1, eval_every=10, margin=0.01, confirm_steps=40)
+
+
+def test_a_passer_is_confirmed_at_the_longer_horizon_before_it_ships(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.0, "j3": 0.0})
+    trainer = Drifting({}, {}, after=20, every=10)
+    result = race(tmp_path, cs, trainer, CONFIRM, {"default": 10.0, cs[1].name: 8.0, cs[2].name: 5.0})
+    # the default trains once per seed to the confirmation horizon; the fastest passer (c2) alone is confirmed
+    assert [c for c in trainer.calls if c[0] == "default"] == [("default", s, 40) for s in range(3)]
+    assert [c for c in trainer.calls if c[2] == 40 and c[0] != "default"] == [(cs[2].name, s, 40) for s in range(3)]
+    row = result.row(cs[2].name)
+    assert result.winner == cs[2].name and row.confirmed and row.confirm_horizon == 40
+    assert "at 40" in result.reason and "non-inferior" in result.reason
+    assert result.row(cs[1].name).confirm_horizon is None  # not needed: the faster one shipped
+    table = result.to_json()
+    assert table["options"]["confirm_steps"] == 40
+    assert next(r for r in table["table"] if r["name"] == cs[2].name)["confirm_verdict"] == "non-inferior"
+    json.dumps(table)
+
+
+def test_a_passer_that_falls_behind_later_is_not_shipped_and_the_next_one_is_tried(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.0, "j3": 0.0})
+    trainer = Drifting({}, {cs[2].name: 0.05}, after=20, every=10)  # c2 (the faster) loses 0.05 after step 20
+    result = race(tmp_path, cs, trainer, CONFIRM, {"default": 10.0, cs[1].name: 8.0, cs[2].name: 5.0})
+    fast, slow = result.row(cs[2].name), result.row(cs[1].name)
+    assert fast.passes and not fast.confirmed and fast.verdict == "not confirmed at 40 (worse)"
+    assert slow.confirmed and result.winner == cs[1].name
+
+
+def test_none_confirmed_the_default_ships_saying_why(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.0})
+    trainer = Drifting({}, {cs[1].name: 0.05}, after=20, every=10)
+    result = race(tmp_path, cs, trainer, CONFIRM, {"default": 10.0, cs[1].name: 5.0})
+    assert result.fell_back and "not confirmed at 40" in result.reason and cs[1].name in result.reason
+    # without a confirmation horizon the same race ships it: the check is what refused it
+    (tmp_path / "off").mkdir()
+    unconfirmed = race(tmp_path / "off", cs, Drifting({}, {cs[1].name: 0.05}, after=20, every=10),
+                       RaceOptions(candidates=1, seeds=3, steps=20, rungs=1, eval_every=10), {"default": 10.0,
+                       cs[1].name: 5.0})  # fmt: skip
+    assert unconfirmed.winner == cs[1].name
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_a_confirmation_no_longer_than_the_race_is_refused(steps: int) -> None:
+    with pytest.raises(TuneError, match="--confirm-steps must be longer than --race-steps"):
+        RaceOptions(steps=20, rungs=1, eval_every=10, confirm_steps=steps).check()
+
+
+def test_an_interrupted_confirmation_resumes_without_rerunning_a_finished_run(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.0, "j3": 0.0})
+    ms = {"default": 10.0, cs[1].name: 8.0, cs[2].name: 5.0}
+    first = Drifting({}, {}, after=20, every=10)
+    first.interrupt_at = 10  # default x3, c1 x3, c2 x3, then inside c2's confirmation
+    with pytest.raises(KeyboardInterrupt):
+        race(tmp_path, cs, first, CONFIRM, ms)
+    assert first.calls[-1] == (cs[2].name, 0, 40)
+    second = Drifting({}, {}, after=20, every=10)
+    resumed = race(tmp_path, cs, second, CONFIRM, ms)
+    assert not set(first.calls) & set(second.calls) and second.calls == [(cs[2].name, s, 40) for s in (1, 2)]
+    assert resumed.winner == cs[2].name and resumed.row(cs[2].name).confirmed

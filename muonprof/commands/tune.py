@@ -139,6 +139,15 @@ def tune_command(
     race_steps: Annotated[
         int, typer.Option("--race-steps", callback=in_range(1), help="Race horizon: training steps of the last rung.")
     ] = 200,
+    confirm_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--confirm-steps",
+            callback=in_range(0),
+            help="Before a race passer ships it must also be non-inferior after this many steps (same seeds; "
+            "default: twice --race-steps; 0: no confirmation).",
+        ),
+    ] = None,
     race_rungs: Annotated[
         int, typer.Option("--race-rungs", callback=in_range(1), help="Successive-halving rungs (horizon halves).")
     ] = 2,
@@ -244,6 +253,7 @@ def tune_command(
                 margin=max_loss_increase,
                 min_speedup=min_speedup,
                 match_update_size=match_update_size,
+                confirm_steps=2 * race_steps if confirm_steps is None else confirm_steps,
             ),
             ladders=ladders,
             command=" ".join(["muonprof", *sys.argv[1:]]),
@@ -411,7 +421,9 @@ def race_table(race: dict[str, Any]) -> Table:
         caption="\n".join(f"{row['name']}: {_methods(row['methods'])}" for row in race["table"]),
         caption_justify="left",
     )
-    for col in ("", "", "pred", "meas", "Δ loss", "bound", "verdict", "steps", "hit"):
+    confirm = opts.get("confirm_steps")
+    extra = (f"Δ@{confirm}", f"bound@{confirm}") if confirm else ()
+    for col in ("", "", "pred", "meas", "Δ loss", "bound", *extra, "verdict", "steps", "hit"):
         table.add_column(col, justify="left" if col in ("", "verdict") else "right")
     for row in race["table"]:
         default = row["name"] == "default"
@@ -426,11 +438,16 @@ def race_table(race: dict[str, Any]) -> Table:
             measured,
             f"{row['paired_delta']:+.4f}" if row.get("paired_delta") is not None else "-",
             f"{row['bound']:+.4f}" if row.get("bound") is not None else "-",
+            *(_signed(row.get("confirm_delta")), _signed(row.get("confirm_bound")))[: len(extra)],
             row["verdict"].replace("eliminated", "out"),
             str(row.get("horizon") or "-"),
             "-" if default else f"{len(reached)}/{len(row.get('steps_to_target') or [])}",
         )
     return table
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.4f}"
 
 
 def _methods(methods: dict[str, int]) -> str:

@@ -433,6 +433,7 @@ def _race(
     ui.stage(
         f"5/5 race: default + {len(contenders) - 1} candidates, {opts.seeds} paired seeds, horizons "
         f"{'/'.join(str(h) for h in opts.horizons())} steps, margin {opts.margin:g} nats"
+        + (f", a passer confirmed at {opts.confirm_horizon} steps" if opts.confirm_horizon else "")
     )
     with ui.track("race runs", 1) as update:
 

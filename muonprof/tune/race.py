@@ -22,6 +22,12 @@ can say whether a cheaper recipe trains as well. The race:
   the default trains once per seed to the full horizon and is read at every rung.
 - **Verdict** at the last rung: a candidate passes when the one-sided 95% upper bound of its mean paired
   difference in final validation loss is below the margin (``--max-loss-increase``).
+- **Confirmation at a longer horizon** (``confirm_steps``, the CLI's default twice the race horizon): a verdict
+  taken at the horizon the race tuned on says nothing about a longer run, so before a passer ships it trains
+  again, same seeds, to the confirmation horizon and must be non-inferior there too (the default's runs train
+  to that horizon from the start, so this costs one run per seed for each passer tried). Passers are tried
+  fastest first; one that fails is recorded ("not confirmed") and the next is tried; none left, the default
+  ships.
 - **Winner**: the passer with the fastest *measured* optimizer step (``timing.interleaved_step_times``:
   every final contender's ``step()`` on the real model and gradients, interleaved round by round in one
   process), if it measures at least ``min_speedup`` (1.05: the interleaved medians' typical spread on a
@@ -77,6 +83,7 @@ class RaceOptions:
     match_update_size: bool = True
     timing_rounds: int = 9
     adamw_lr: float = 3e-4
+    confirm_steps: int = 0  # > steps: a passer must also be non-inferior after this many steps; 0: no confirmation
 
     def check(self) -> None:
         """TuneError (one line) for options that cannot give a race."""
@@ -90,6 +97,11 @@ class RaceOptions:
             raise TuneError(f"--race-rungs must be >= 1 and eta >= 2, got {self.rungs} and {self.eta}")
         if not (math.isfinite(self.min_speedup) and self.min_speedup >= 1):
             raise TuneError(f"--min-speedup must be a finite number >= 1, got {self.min_speedup}")
+        if self.confirm_steps != 0 and self.confirm_steps <= self.steps:
+            raise TuneError(
+                f"--confirm-steps must be longer than --race-steps ({self.steps}) or 0 (no confirmation), got "
+                f"{self.confirm_steps}"
+            )
         if self.timing_rounds < 3:
             raise TuneError(f"timing rounds must be at least 3, got {self.timing_rounds}")
         every = self.eval_interval
@@ -106,6 +118,17 @@ class RaceOptions:
         if self.eval_every is not None:
             return self.eval_every
         return max(1, self.steps // self.eta ** (self.rungs - 1) // 4)
+
+    @property
+    def confirm_horizon(self) -> int | None:
+        """The confirmation horizon, or None without one."""
+        return self.confirm_steps if self.confirm_steps > self.steps else None
+
+    @property
+    def reference_horizon(self) -> int:
+        """How long the default trains per seed: to the confirmation horizon when there is one, read at every
+        rung on the way (a constant-lr run passes through the shorter runs' states exactly)."""
+        return self.confirm_horizon or self.steps
 
     def horizons(self) -> list[int]:
         """Rung horizons, shortest first, each a multiple of the eval interval (so every rung is evaluated)."""
@@ -129,6 +152,7 @@ class RaceOptions:
             "match_update_size": self.match_update_size,
             "timing_rounds": self.timing_rounds,
             "horizons": self.horizons(),
+            "confirm_steps": self.confirm_horizon,
         }
 
 
@@ -205,6 +229,14 @@ class RaceRow:
     measured_step_ms: float | None = None
     measured_speedup: float | None = None
     steps_to_target: list[int | None] = field(default_factory=list)
+    confirm_horizon: int | None = None  # set when this passer was trained again to the confirmation horizon
+    confirmation: PairedComparison | None = None  # its verdict there (None: not tried, or it diverged)
+    confirm_diverged: bool = False
+    confirm_steps_to_target: list[int | None] = field(default_factory=list)
+
+    @property
+    def confirmed(self) -> bool:
+        return self.confirmation is not None and self.confirmation.passes and not self.confirm_diverged
 
     @property
     def verdict(self) -> str:
@@ -216,6 +248,9 @@ class RaceRow:
             return "not run"
         if self.eliminated_at is not None:
             return f"eliminated ({self.comparison.verdict})"
+        if self.confirm_horizon is not None and not self.confirmed:
+            later = "diverged" if self.confirm_diverged or self.confirmation is None else self.confirmation.verdict
+            return f"not confirmed at {self.confirm_horizon} ({later})"
         return self.comparison.verdict
 
     @property
@@ -240,6 +275,12 @@ class RaceRow:
             "measured_step_ms": self.measured_step_ms,
             "measured_speedup": self.measured_speedup,
             "steps_to_target": self.steps_to_target,
+            "confirm_horizon": self.confirm_horizon,
+            "confirm_delta": None if self.confirmation is None else self.confirmation.mean_diff,
+            "confirm_bound": None if self.confirmation is None else self.confirmation.upper_bound,
+            "confirm_diffs": None if self.confirmation is None else list(self.confirmation.diffs),
+            "confirm_verdict": None if self.confirmation is None else self.confirmation.verdict,
+            "confirm_steps_to_target": self.confirm_steps_to_target,
         }
 
 
@@ -275,8 +316,9 @@ class RaceResult:
             "rule": (
                 "paired seeds (same init, same batches); per-seed difference of final validation loss at the "
                 "horizon, candidate - default; passes when the one-sided 95% upper bound of the mean difference "
-                "is below the margin; the winner is the passer with the fastest measured optimizer step "
-                "(interleaved timing), else the default"
+                "is below the margin; with a confirmation horizon a passer must pass again there (same seeds, "
+                "trained from scratch); the winner is the first passer, fastest measured optimizer step first "
+                "(interleaved timing), that does, else the default"
             ),
         }
 
@@ -467,10 +509,11 @@ def run_race(
             return train_contender(build, contender, seed, horizon, eval_every=every, adamw_lr=options.adamw_lr)
 
     jobs = _Jobs(study, train_fn, notify)
-    notify(RaceEvent("plan", total=_planned_runs(len(candidates), seeds, horizons, options.eta)))
+    planned = _planned_runs(len(candidates), seeds, horizons, options.eta)
+    notify(RaceEvent("plan", total=planned + (len(seeds) if options.confirm_horizon and candidates else 0)))
 
-    reference = {s: jobs.result(default, s, horizons[-1]) for s in seeds}
-    rows["default"].horizon = horizons[-1]
+    reference = {s: jobs.result(default, s, options.reference_horizon) for s in seeds}
+    rows["default"].horizon = options.reference_horizon
     alive = list(candidates)
     if any(r.diverged_at is not None for r in reference.values()):
         raise TuneError(
@@ -522,37 +565,78 @@ def run_race(
         row = rows[c.name]
         row.measured_step_ms = timing["median_ms"][c.name]
         row.measured_speedup = base_ms / row.measured_step_ms if row.measured_step_ms else None
+    shippable, reason = _shippable(rows, finalists, options, horizons[-1])
+    winner = "default"
+    confirm = options.confirm_horizon
+    for c in shippable:  # fastest first
+        row = rows[c.name]
+        if confirm is None:
+            winner, reason = c.name, _win_reason(row, horizons[-1])
+            break
+        _confirm(row, c, [jobs.result(c, s, confirm) for s in seeds], [reference[s] for s in seeds], confirm,
+                 options.margin)  # fmt: skip
+        if row.confirmed:
+            winner, reason = c.name, _win_reason(row, horizons[-1])
+            break
+    else:
+        if shippable and confirm is not None:
+            tried = "; ".join(f"{c.name}: {rows[c.name].verdict}" for c in shippable)
+            reason = (
+                f"passed at {horizons[-1]} steps but not confirmed at {confirm} ({tried}): the default recipe ships"
+            )
     notify(RaceEvent("finished", done=jobs.done, total=jobs.done))
-    winner, reason = _decide(rows, finalists, options, horizons[-1])
     return RaceResult(options, list(rows.values()), winner, name, seeds, timing, jobs.ran, reason)
 
 
-def _decide(
+def _shippable(
     rows: Mapping[str, RaceRow], finalists: Sequence[Contender], options: RaceOptions, horizon: int
-) -> tuple[str, str]:
+) -> tuple[list[Contender], str]:
+    """The passers that may ship, fastest measured step first, and why the default ships when there are none."""
     n = options.seeds
     if n < 2:
-        return "default", "one race seed gives no verdict: the default recipe ships (use --race-seeds 3)"
+        return [], "one race seed gives no verdict: the default recipe ships (use --race-seeds 3)"
     if not finalists:
-        return "default", (
+        return [], (
             f"no candidate was non-inferior to the default at {horizon} steps (margin {options.margin:g} nats, "
             f"{n} paired seeds): the default recipe ships"
         )
     faster = [c for c in finalists if (rows[c.name].measured_speedup or 0) >= options.min_speedup]
     if not faster:
         names = ", ".join(f"{c.name} ({rows[c.name].measured_speedup or 0:.2f}x)" for c in finalists)
-        return "default", (
+        return [], (
             f"{names} passed but measured less than {options.min_speedup:g}x faster than the default "
             "(--min-speedup): the default recipe ships"
         )
-    best = max(faster, key=lambda c: rows[c.name].measured_speedup or 0)
-    row = rows[best.name]
+    return sorted(faster, key=lambda c: -(rows[c.name].measured_speedup or 0)), ""
+
+
+def _confirm(
+    row: RaceRow,
+    contender: Contender,
+    results: Sequence[JobResult],
+    reference: Sequence[JobResult],
+    horizon: int,
+    margin: float,
+) -> None:
+    """Record a passer's verdict after ``horizon`` steps (the same paired rule as the race's)."""
+    row.confirm_horizon = horizon
+    if any(r.diverged_at is not None for r in results):
+        row.confirm_diverged = True
+        return
+    vals = [r.val_at(horizon) for r in results]
+    ref = [r.val_at(horizon) for r in reference]
+    if any(v is None for v in vals) or any(v is None for v in ref):
+        raise TuneError("the workload has no validation batches: the race needs validation loss")
+    row.confirmation = paired_comparison(vals, ref, margin)  # type: ignore[arg-type]
+    row.confirm_steps_to_target = _steps_to_target(results, reference, horizon)
+
+
+def _win_reason(row: RaceRow, horizon: int) -> str:
     assert row.comparison is not None
-    return best.name, (
-        f"{best.name} is {row.comparison.verdict} at {horizon} steps ({row.comparison.describe()}) and its "
-        "optimizer step "
-        f"measured {row.measured_speedup:.2f}x faster"
-    )
+    said = f"{row.name} is {row.comparison.verdict} at {horizon} steps ({row.comparison.describe()})"
+    if row.confirmation is not None:
+        said += f", {row.confirmation.verdict} at {row.confirm_horizon} ({row.confirmation.describe()}),"
+    return f"{said} and its optimizer step measured {row.measured_speedup:.2f}x faster"
 
 
 def _rank_key(c: PairedComparison) -> tuple[float, float]:
