@@ -35,6 +35,10 @@ def test_bundled_profile_proved_itself_in_the_race(path: Path) -> None:
     else:
         assert winner["verdict"] in ("better", "non-inferior") and winner["bound"] < race["options"]["margin"]
         assert winner["measured_speedup"] > 1
+        # and the verdict held at a longer horizon than the race chose on (tune's confirmation)
+        assert race["options"].get("confirm_steps"), "a shipped recipe was confirmed at a longer horizon"
+        assert winner["confirm_verdict"] in ("better", "non-inferior")
+        assert winner["confirm_bound"] < race["options"]["margin"]
 
 
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)

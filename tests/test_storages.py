@@ -260,3 +260,69 @@ def test_a_second_bench_joins_the_study_with_the_first_ones_menus(tmp_path: Path
     data["costs"] = [c for c in data["costs"] if c["label"] != dropped]  # a bench of a smaller grid
     with pytest.raises(TuneError, match=f"bench candidates: {dropped} removed"):
         tune_stage1(BenchResult.from_json(data), spectra, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ other hosts
+
+
+def claimed_elsewhere(study: optuna.Study, host: str, pid: int) -> optuna.trial.Trial:
+    """A RUNNING trial owned by a worker on another machine (as ``claim()`` there writes it)."""
+    trial = study.ask()
+    trial.set_user_attr("host", host)
+    trial.set_user_attr("pid", pid)
+    return trial
+
+
+def test_another_hosts_trial_is_stale_only_once_its_heartbeat_is_silent(tmp_path: Path) -> None:
+    """A pid cannot be checked across machines: another host's RUNNING trial counts as live while its worker
+    keeps its heartbeat (or keeps none: nothing to judge by), and as dead once the heartbeat has been silent for
+    ``HEARTBEAT_GRACE_S``; then ``fail_stale`` gives it back and its work is done again."""
+    from muonprof.tune.study import HEARTBEAT_GRACE_S, WORKER_ATTR, fail_stale, run_until, stale_trials
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="h")
+    trial = claimed_elsewhere(study, "elsewhere.example", 4242)
+    key = f"{WORKER_ATTR}elsewhere.example:4242"
+    assert stale_trials(study) == []  # no heartbeat at all (an older worker, a file storage): live
+    study.set_user_attr(key, True)
+    assert stale_trials(study) == []
+    study.set_user_attr(key, time.time() - HEARTBEAT_GRACE_S / 2)  # beat recently
+    assert stale_trials(study) == []
+    study.set_user_attr(key, time.time() - 2 * HEARTBEAT_GRACE_S)  # silent: that machine died or lost the server
+    assert [t.number for t in stale_trials(study)] == [trial.number]
+    assert fail_stale(study) == 1 and study.trials[0].state == TrialState.FAIL
+    # an ownerless RUNNING trial while only a silent remote worker is registered: no live owner, run at once
+    orphan = study.ask()
+    assert [t.number for t in stale_trials(study)] == [orphan.number]
+    assert run_until(study, lambda t: t.suggest_float("x", 0, 1), 2) == 2
+
+
+def test_a_server_storage_worker_keeps_a_heartbeat_and_a_file_storage_one_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from muonprof.tune import study as study_mod
+
+    monkeypatch.setattr(study_mod, "HEARTBEAT_S", 0.05)
+    key = f"{study_mod.WORKER_ATTR}{socket.gethostname()}:{os.getpid()}"
+    local = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="f")
+    assert not study_mod.uses_heartbeat(local)
+    study_mod.register_worker(local)
+    assert local.user_attrs[key] is True  # one host: the pid check is exact, no thread
+    try:
+        study_mod.register_worker(local, heartbeat=True)  # as on a server
+        first = local.user_attrs[key]
+        assert isinstance(first, float)
+        deadline = time.time() + 30
+        while local.user_attrs[key] == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert local.user_attrs[key] > first, "the heartbeat thread rewrites the time"
+    finally:
+        study_mod.stop_heartbeats()
+    if POSTGRES is not None:
+        name = f"hb-{uuid.uuid4().hex[:8]}"
+        server = optuna.create_study(storage=open_storage(POSTGRES), study_name=name)
+        try:
+            assert study_mod.uses_heartbeat(server)
+        finally:
+            optuna.delete_study(study_name=name, storage=open_storage(POSTGRES))

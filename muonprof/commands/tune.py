@@ -421,9 +421,10 @@ def race_table(race: dict[str, Any]) -> Table:
         caption="\n".join(f"{row['name']}: {_methods(row['methods'])}" for row in race["table"]),
         caption_justify="left",
     )
+    horizon = max(opts.get("horizons") or [opts["steps"]])
     confirm = opts.get("confirm_steps")
-    extra = (f"Δ@{confirm}", f"bound@{confirm}") if confirm else ()
-    for col in ("", "", "pred", "meas", "Δ loss", "bound", *extra, "verdict", "steps", "hit"):
+    judged = [f"Δ@{horizon}", *([f"Δ@{confirm}"] if confirm else [])]
+    for col in ("", "", "pred", "meas", *judged, "verdict", "hit"):
         table.add_column(col, justify="left" if col in ("", "verdict") else "right")
     for row in race["table"]:
         default = row["name"] == "default"
@@ -431,19 +432,35 @@ def race_table(race: dict[str, Any]) -> Table:
         if row.get("measured_step_ms"):
             measured = f"{row['measured_step_ms']:.3g} ms" if default else f"{row.get('measured_speedup') or 0:.2f}x"
         reached = [s for s in row.get("steps_to_target") or [] if s is not None]
+        deltas = [_delta_cell(row.get("paired_delta"), row.get("bound"))]
+        if confirm:
+            deltas.append(_delta_cell(row.get("confirm_delta"), row.get("confirm_bound")))
         table.add_row(
             "→" if row["name"] == race["winner"] else "",
             row["name"],
             "-" if default else f"{row['predicted_speedup']:.2f}x",
             measured,
-            f"{row['paired_delta']:+.4f}" if row.get("paired_delta") is not None else "-",
-            f"{row['bound']:+.4f}" if row.get("bound") is not None else "-",
-            *(_signed(row.get("confirm_delta")), _signed(row.get("confirm_bound")))[: len(extra)],
-            row["verdict"].replace("eliminated", "out"),
-            str(row.get("horizon") or "-"),
+            *deltas,
+            _short_verdict(row),
             "-" if default else f"{len(reached)}/{len(row.get('steps_to_target') or [])}",
         )
     return table
+
+
+def _delta_cell(delta: float | None, bound: float | None) -> str:
+    """The paired mean Δ over its one-sided 95% upper bound (two short lines: the table fits 80 columns)."""
+    if delta is None:
+        return "-"
+    return f"{delta:+.4f}" + ("" if bound is None else f"\n≤{bound:+.4f}")
+
+
+def _short_verdict(row: dict[str, Any]) -> str:
+    verdict = str(row["verdict"])
+    if verdict.startswith("eliminated"):
+        return f"out at {row.get('eliminated_at') or row.get('horizon')}{verdict.removeprefix('eliminated')}"
+    if verdict.startswith("not confirmed at"):
+        return "unconfirmed" + verdict[verdict.index(" (") :]
+    return verdict
 
 
 def _signed(value: float | None) -> str:

@@ -11,6 +11,12 @@ its attributes (and, through ``on_create``, its first trials) before marking it 
 The trial budget (``--trials N``) counts the study's trials, whoever runs them: finished, running, and queued
 ones, so two workers never overshoot it, and a trial that died with its process (a RUNNING trial of this host
 whose pid is gone) is marked FAIL and run again by whoever comes next.
+
+Workers on other hosts (a shared PostgreSQL or MySQL server): a pid cannot be checked across machines, so on a
+server storage every worker keeps a heartbeat (its ``worker:HOST:PID`` study attribute rewritten with the time
+every ``HEARTBEAT_S`` by a daemon thread), and another host's RUNNING trial counts as dead once its worker has
+been silent for ``HEARTBEAT_GRACE_S`` (generous against clock skew between hosts and a busy machine). SQLite
+and journal files live on one machine, where the pid check is exact; they get no heartbeat thread.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,6 +47,8 @@ READY_ATTR = "fingerprint"  # written last by the creating worker: the study is 
 OWNERLESS_GRACE_S = 60.0  # a RUNNING trial without host/pid older than this is a dead worker's
 WORKER_ATTR = "worker:"  # study attribute "worker:HOST:PID" of every process that asks trials (register_worker)
 READY_WAIT_S = 120.0
+HEARTBEAT_S = 20.0  # how often a worker on a server storage rewrites its worker attribute with the time
+HEARTBEAT_GRACE_S = 180.0  # another host's worker silent this long is dead: its RUNNING trials are run again
 BLOB_CHUNK = 48_000  # characters per user attribute (MySQL's TEXT holds 64 KiB)
 
 TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
@@ -258,26 +267,85 @@ def claim(trial: optuna.Trial) -> None:
     trial.set_user_attr("pid", os.getpid())
 
 
-def register_worker(study: optuna.Study) -> None:
+def register_worker(study: optuna.Study, *, heartbeat: bool | None = None) -> None:
     """Record, before this process asks its first trial of ``study``, that it works on it.
 
     ``ask()`` and ``claim()`` are separate writes, so a worker killed between them (SIGKILL lands there
     often: a stage-1 trial is mostly those storage calls) leaves a RUNNING trial without an owner. With
     every asking process registered, the next worker sees at once that no live process can own it (all
-    registered ones are dead processes of this host) instead of waiting ``OWNERLESS_GRACE_S``."""
+    registered ones are dead processes of this host) instead of waiting ``OWNERLESS_GRACE_S``.
+
+    With ``heartbeat`` (default: on server storages, see ``uses_heartbeat``) the attribute holds the time and a
+    daemon thread rewrites it every ``HEARTBEAT_S``, so that workers on other hosts can tell this one alive."""
     key = f"{WORKER_ATTR}{socket.gethostname()}:{os.getpid()}"
-    if key not in study.user_attrs:
+    if uses_heartbeat(study) if heartbeat is None else heartbeat:
+        study.set_user_attr(key, time.time())
+        _start_heartbeat(study, key)
+    elif key not in study.user_attrs:
         study.set_user_attr(key, True)
 
 
+def uses_heartbeat(study: optuna.Study) -> bool:
+    """Whether ``study`` lives on a server (an RDB URL other than SQLite): where workers on several hosts meet."""
+    storage = getattr(study, "_storage", None)
+    url = getattr(getattr(storage, "_backend", storage), "url", None)
+    return isinstance(url, str) and not url.startswith("sqlite")
+
+
+_HEARTBEATS: dict[tuple[str, str], threading.Event] = {}  # (study name, worker key) -> its thread's stop event
+_HEARTBEATS_LOCK = threading.Lock()
+
+
+def _start_heartbeat(study: optuna.Study, key: str) -> None:
+    with _HEARTBEATS_LOCK:
+        if (study.study_name, key) in _HEARTBEATS:
+            return
+        stop = _HEARTBEATS[(study.study_name, key)] = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a lost connection: the next beat tries again (pool_pre_ping)
+                study.set_user_attr(key, time.time())
+
+    threading.Thread(target=beat, name=f"muonprof-heartbeat:{study.study_name}", daemon=True).start()
+
+
+def stop_heartbeats() -> None:
+    """Stop this process's heartbeat threads (they are daemons and end with the process anyway)."""
+    with _HEARTBEATS_LOCK:
+        for stop in _HEARTBEATS.values():
+            stop.set()
+        _HEARTBEATS.clear()
+
+
+def worker_heartbeats(study: optuna.Study) -> dict[str, float]:
+    """``HOST:PID`` -> the last time that worker said it was alive, for the workers that keep a heartbeat."""
+    out: dict[str, float] = {}
+    for key, value in study.user_attrs.items():
+        if key.startswith(WORKER_ATTR) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key[len(WORKER_ATTR) :]] = float(value)
+    return out
+
+
+def _silent(heartbeats: Mapping[str, float] | None, host: str, pid: int | str) -> bool:
+    """Another host's worker known to be dead: it keeps a heartbeat and missed it for ``HEARTBEAT_GRACE_S``. A
+    worker without one (an older muonprof, or a file storage) cannot be checked and counts as live."""
+    last = None if heartbeats is None else heartbeats.get(f"{host}:{pid}")
+    return last is not None and time.time() - last > HEARTBEAT_GRACE_S
+
+
 def _no_other_live_worker(study: optuna.Study) -> bool:
-    """Every process registered with ``study`` but this one is a dead process of this host (another host's
-    cannot be checked: it counts as live)."""
+    """Every process registered with ``study`` but this one is dead: a dead pid of this host, or another host's
+    worker whose heartbeat has gone silent (one without a heartbeat cannot be checked: it counts as live)."""
     host = socket.gethostname()
+    beats = worker_heartbeats(study)
     for key in study.user_attrs:
         if key.startswith(WORKER_ATTR):
             their_host, _, pid = key[len(WORKER_ATTR) :].rpartition(":")
-            if their_host != host or (int(pid) != os.getpid() and _alive(int(pid))):
+            if their_host != host:
+                if not _silent(beats, their_host, pid):
+                    return False
+            elif int(pid) != os.getpid() and _alive(int(pid)):
                 return False
     return True
 
@@ -286,17 +354,20 @@ def _ownerless(trial: optuna.trial.FrozenTrial) -> bool:
     return "host" not in trial.user_attrs or "pid" not in trial.user_attrs  # (claim() writes one after the other)
 
 
-def is_stale(trial: optuna.trial.FrozenTrial, *, owners_gone: bool = False) -> bool:
-    """A RUNNING trial whose process is gone: on this host with a dead pid (or our own pid: this process is
-    single-threaded, so a RUNNING trial of ours is a leftover of an earlier, interrupted call), or without an
+def is_stale(
+    trial: optuna.trial.FrozenTrial, *, owners_gone: bool = False, heartbeats: Mapping[str, float] | None = None
+) -> bool:
+    """A RUNNING trial whose process is gone: on this host with a dead pid (or our own pid: this process runs
+    trials one at a time, so a RUNNING trial of ours is a leftover of an earlier, interrupted call), or without an
     owner when ``owners_gone`` (no other registered worker is alive, see ``register_worker``) or long after
-    it started. Another host's trials cannot be checked and count as live."""
+    it started. Another host's trial is stale only when its worker's heartbeat (``heartbeats``, see
+    ``worker_heartbeats``) has been silent for ``HEARTBEAT_GRACE_S``; without one it counts as live."""
     attrs = trial.user_attrs
     if _ownerless(trial):
         start = trial.datetime_start
         return owners_gone or (start is not None and datetime.now() - start > timedelta(seconds=OWNERLESS_GRACE_S))
     if attrs["host"] != socket.gethostname():
-        return False
+        return _silent(heartbeats, attrs["host"], attrs["pid"])
     pid = int(attrs["pid"])
     return pid == os.getpid() or not _alive(pid)
 
@@ -308,7 +379,10 @@ def stale_trials(
     pool = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if trials is None else trials
     running = [t for t in pool if t.state == TrialState.RUNNING]
     gone = any(_ownerless(t) for t in running) and _no_other_live_worker(study)
-    return [t for t in running if is_stale(t, owners_gone=gone)]
+    host = socket.gethostname()
+    elsewhere = any(not _ownerless(t) and t.user_attrs["host"] != host for t in running)
+    beats = worker_heartbeats(study) if elsewhere else None  # (one more read only when another host runs trials)
+    return [t for t in running if is_stale(t, owners_gone=gone, heartbeats=beats)]
 
 
 def fail_stale(study: optuna.Study) -> int:
