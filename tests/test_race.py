@@ -262,7 +262,8 @@ def test_cli_race_writes_the_verdict_into_the_profile_and_resumes(tiny_files: di
     summary = json.loads(first.stdout)
     race_json = summary["race"]
     assert race_json["options"]["horizons"] == [2, 4] and race_json["seeds"] == [0, 1]
-    assert race_json["options"]["confirm_steps"] == 8  # the CLI's default: twice the race horizon
+    assert race_json["options"]["confirm_steps"] == 8  # the CLI's defaults: twice the race horizon,
+    assert race_json["options"]["confirm_seeds"] == 4  # and twice the race's seeds for an inconclusive one
     names = {row["name"] for row in race_json["table"]}
     assert "default" in names and len(names) >= 2
     assert summary["shipped"] == race_json["winner"]
@@ -299,6 +300,7 @@ def test_cli_race_writes_the_verdict_into_the_profile_and_resumes(tiny_files: di
         (["--max-loss-increase", "-0.1"], "--max-loss-increase"),
         (["--race-steps", "3", "--race-eval-every", "5"], "shorter than one evaluation"),
         (["--race-steps", "4", "--race-eval-every", "2", "--confirm-steps", "4"], "--confirm-steps must be longer"),
+        (["--race-seeds", "2", "--confirm-seeds", "2"], "--confirm-seeds must be more than --race-seeds"),
     ],
 )
 def test_cli_bad_race_options_are_one_line_errors(
@@ -394,3 +396,59 @@ def test_an_interrupted_confirmation_resumes_without_rerunning_a_finished_run(tm
     resumed = race(tmp_path, cs, second, CONFIRM, ms)
     assert not set(first.calls) & set(second.calls) and second.calls == [(cs[2].name, s, 40) for s in (1, 2)]
     assert resumed.winner == cs[2].name and resumed.row(cs[2].name).confirmed
+
+
+class LateSeeds(Planted):
+    """``Planted`` with per-seed extra offsets (any number of seeds) on evaluations after step ``after``."""
+
+    def __init__(self, late: dict[str, list[float]], after: int, every: int) -> None:
+        super().__init__({}, {}, every)
+        self.late, self.after = late, after
+
+    def __call__(self, contender: Contender, seed: int, horizon: int) -> JobResult:
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.calls.append((contender.name, seed, horizon))
+        extra = self.late.get(contender.name, [0.0] * 8)[seed]
+        evals = [EvalPoint(k, k * 0.01, 3.0 - k / 1000 + extra * (k > self.after)) for k in range(0, horizon + 1, 10)]
+        return JobResult(evals, None, 0.001, 0.01, horizon * 0.01)
+
+
+EXTEND = RaceOptions(candidates=1, seeds=3, steps=20, rungs=1, eval_every=10, margin=0.01, confirm_steps=40,
+                     confirm_seeds=6)  # fmt: skip
+
+
+def test_an_inconclusive_confirmation_gets_more_seeds_each_look_at_the_stricter_bound(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.0})
+    # after the race horizon: +0.009 / -0.001 / +0.004 on the first three seeds (inconclusive at 3), the same
+    # spread again on three more (non-inferior over six at the 97.5% bound)
+    late = [0.009, -0.001, 0.004, 0.008, 0.0, 0.003]
+    trainer = LateSeeds({cs[1].name: late}, after=20, every=10)
+    result = race(tmp_path, cs, trainer, EXTEND, {"default": 10.0, cs[1].name: 5.0})
+    row = result.row(cs[1].name)
+    assert row.confirmation is not None and row.confirmation.n == 6 and row.confirmation.confidence == 0.975
+    assert row.confirmed and result.winner == cs[1].name and "97.5% bound" in result.reason
+    extra = sorted(c for c in trainer.calls if c[1] >= 3)
+    assert extra == sorted([("default", s, 40) for s in (3, 4, 5)] + [(cs[1].name, s, 40) for s in (3, 4, 5)])
+    from muonprof.stats import paired_comparison
+
+    # the first look, over the race's three seeds at 97.5%, could not tell
+    assert paired_comparison(late[:3], [0.0] * 3, 0.01, 0.975).verdict == "inconclusive"
+    assert result.to_json()["options"]["confirm_seeds"] == 6
+
+
+def test_a_confirmation_shown_worse_gets_no_more_seeds(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.0})
+    trainer = LateSeeds({cs[1].name: [0.05, 0.06, 0.055, 0.0, 0.0, 0.0]}, after=20, every=10)
+    result = race(tmp_path, cs, trainer, EXTEND, {"default": 10.0, cs[1].name: 5.0})
+    row = result.row(cs[1].name)
+    assert row.confirmation is not None and row.confirmation.verdict == "worse" and row.confirmation.n == 3
+    assert result.fell_back and not [c for c in trainer.calls if c[1] >= 3]
+
+
+def test_more_confirmation_seeds_than_the_race_or_none() -> None:
+    with pytest.raises(TuneError, match="--confirm-seeds must be more than --race-seeds"):
+        RaceOptions(seeds=3, steps=20, rungs=1, eval_every=10, confirm_steps=40, confirm_seeds=3).check()
+    one_look = RaceOptions(seeds=3, steps=20, rungs=1, eval_every=10, confirm_steps=40)
+    assert not one_look.extends_seeds and one_look.confirm_confidence == 0.95
+    assert EXTEND.extends_seeds and EXTEND.confirm_confidence == 0.975

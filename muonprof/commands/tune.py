@@ -148,6 +148,15 @@ def tune_command(
             "default: twice --race-steps; 0: no confirmation).",
         ),
     ] = None,
+    confirm_seeds: Annotated[
+        int | None,
+        typer.Option(
+            "--confirm-seeds",
+            callback=in_range(0),
+            help="An inconclusive confirmation is judged again over this many seeds, each look at the 97.5% "
+            "bound (default: twice --race-seeds; 0: no extension).",
+        ),
+    ] = None,
     race_rungs: Annotated[
         int, typer.Option("--race-rungs", callback=in_range(1), help="Successive-halving rungs (horizon halves).")
     ] = 2,
@@ -254,6 +263,7 @@ def tune_command(
                 min_speedup=min_speedup,
                 match_update_size=match_update_size,
                 confirm_steps=2 * race_steps if confirm_steps is None else confirm_steps,
+                confirm_seeds=2 * race_seeds if confirm_seeds is None else confirm_seeds,
             ),
             ladders=ladders,
             command=" ".join(["muonprof", *sys.argv[1:]]),
@@ -434,7 +444,9 @@ def race_table(race: dict[str, Any]) -> Table:
         reached = [s for s in row.get("steps_to_target") or [] if s is not None]
         deltas = [_delta_cell(row.get("paired_delta"), row.get("bound"))]
         if confirm:
-            deltas.append(_delta_cell(row.get("confirm_delta"), row.get("confirm_bound")))
+            cell = _delta_cell(row.get("confirm_delta"), row.get("confirm_bound"))
+            n = row.get("confirm_seeds")
+            deltas.append(cell + (f"\n{n} seeds" if n and n != opts["seeds"] else ""))
         table.add_row(
             "→" if row["name"] == race["winner"] else "",
             row["name"],

@@ -434,6 +434,7 @@ def _race(
         f"5/5 race: default + {len(contenders) - 1} candidates, {opts.seeds} paired seeds, horizons "
         f"{'/'.join(str(h) for h in opts.horizons())} steps, margin {opts.margin:g} nats"
         + (f", a passer confirmed at {opts.confirm_horizon} steps" if opts.confirm_horizon else "")
+        + (f" (up to {opts.confirm_seeds} seeds if inconclusive)" if opts.extends_seeds else "")
     )
     with ui.track("race runs", 1) as update:
 

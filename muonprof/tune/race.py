@@ -28,6 +28,12 @@ can say whether a cheaper recipe trains as well. The race:
   to that horizon from the start, so this costs one run per seed for each passer tried). Passers are tried
   fastest first; one that fails is recorded ("not confirmed") and the next is tried; none left, the default
   ships.
+- **More seeds when the confirmation cannot tell** (``confirm_seeds``, the CLI's default twice the race's
+  seeds): at 3 seeds a rounding-only change already scatters by ~0.007 nats per seed, so an unchanged-looking
+  recipe is often *inconclusive* at δ = 0.01. Then the passer and the default train the extra seeds to the
+  confirmation horizon and the verdict is taken again over all of them. Two looks at the same claim would
+  double its error rate, so with the extension each look uses the one-sided **97.5%** bound (Bonferroni: at
+  most 5% over both); a passer shown *worse* at the first look gets no more seeds.
 - **Winner**: the passer with the fastest *measured* optimizer step (``timing.interleaved_step_times``:
   every final contender's ``step()`` on the real model and gradients, interleaved round by round in one
   process), if it measures at least ``min_speedup`` (1.05: the interleaved medians' typical spread on a
@@ -57,7 +63,7 @@ from optuna.trial import TrialState
 from ..bench.candidates import Candidate, MomentumRank
 from ..ortho import OrthoConfig
 from ..ortho.spectral import model_singular_values, nonzero_mask
-from ..stats import DEFAULT_MARGIN, PairedComparison, paired_comparison
+from ..stats import DEFAULT_CONFIDENCE, DEFAULT_MARGIN, PairedComparison, paired_comparison
 from ..train import EvalPoint, train
 from ..workload import Workload
 from .space import BASELINE_LABEL, LayerMenu, TuneError
@@ -65,6 +71,7 @@ from .stage1 import Assignment
 from .stage2 import DEFAULT_LR, LrChoice
 from .study import claim, fail_stale, open_study, register_worker
 
+TWO_LOOK_CONFIDENCE = 0.975  # each of a confirmation's two looks (Bonferroni: 1 - 2 x 0.025 = 95% over both)
 UPDATE_FACTOR_RANGE = (0.1, 10.0)  # matched-update-size lr factors are clipped to this (degenerate spectra)
 
 
@@ -84,6 +91,7 @@ class RaceOptions:
     timing_rounds: int = 9
     adamw_lr: float = 3e-4
     confirm_steps: int = 0  # > steps: a passer must also be non-inferior after this many steps; 0: no confirmation
+    confirm_seeds: int = 0  # > seeds: an inconclusive confirmation is judged again over this many; 0: no extension
 
     def check(self) -> None:
         """TuneError (one line) for options that cannot give a race."""
@@ -101,6 +109,11 @@ class RaceOptions:
             raise TuneError(
                 f"--confirm-steps must be longer than --race-steps ({self.steps}) or 0 (no confirmation), got "
                 f"{self.confirm_steps}"
+            )
+        if self.confirm_seeds != 0 and self.confirm_seeds <= self.seeds:
+            raise TuneError(
+                f"--confirm-seeds must be more than --race-seeds ({self.seeds}) or 0 (no extension), got "
+                f"{self.confirm_seeds}"
             )
         if self.timing_rounds < 3:
             raise TuneError(f"timing rounds must be at least 3, got {self.timing_rounds}")
@@ -123,6 +136,16 @@ class RaceOptions:
     def confirm_horizon(self) -> int | None:
         """The confirmation horizon, or None without one."""
         return self.confirm_steps if self.confirm_steps > self.steps else None
+
+    @property
+    def extends_seeds(self) -> bool:
+        """Whether an inconclusive confirmation gets more seeds (then each of its two looks is at 97.5%)."""
+        return self.confirm_horizon is not None and self.confirm_seeds > self.seeds
+
+    @property
+    def confirm_confidence(self) -> float:
+        """The one-sided confidence of each confirmation look: 95% for one look, 97.5% for each of two."""
+        return TWO_LOOK_CONFIDENCE if self.extends_seeds else DEFAULT_CONFIDENCE
 
     @property
     def reference_horizon(self) -> int:
@@ -153,6 +176,8 @@ class RaceOptions:
             "timing_rounds": self.timing_rounds,
             "horizons": self.horizons(),
             "confirm_steps": self.confirm_horizon,
+            "confirm_seeds": self.confirm_seeds if self.extends_seeds else None,
+            "confirm_confidence": self.confirm_confidence if self.confirm_horizon else None,
         }
 
 
@@ -280,6 +305,8 @@ class RaceRow:
             "confirm_bound": None if self.confirmation is None else self.confirmation.upper_bound,
             "confirm_diffs": None if self.confirmation is None else list(self.confirmation.diffs),
             "confirm_verdict": None if self.confirmation is None else self.confirmation.verdict,
+            "confirm_seeds": None if self.confirmation is None else self.confirmation.n,
+            "confirm_confidence": None if self.confirmation is None else self.confirmation.confidence,
             "confirm_steps_to_target": self.confirm_steps_to_target,
         }
 
@@ -573,8 +600,15 @@ def run_race(
         if confirm is None:
             winner, reason = c.name, _win_reason(row, horizons[-1])
             break
-        _confirm(row, c, [jobs.result(c, s, confirm) for s in seeds], [reference[s] for s in seeds], confirm,
-                 options.margin)  # fmt: skip
+        level = options.confirm_confidence
+        results = [jobs.result(c, s, confirm) for s in seeds]
+        _confirm(row, c, results, [reference[s] for s in seeds], confirm, options.margin, level)
+        if options.extends_seeds and row.confirmation is not None and row.confirmation.verdict == "inconclusive":
+            more = list(range(seeds[-1] + 1, seed + options.confirm_seeds))
+            notify(RaceEvent("extend", c.name, message=f"{len(more)} more seeds"))
+            reference.update({s: jobs.result(default, s, confirm) for s in more})
+            results += [jobs.result(c, s, confirm) for s in more]
+            _confirm(row, c, results, [reference[s] for s in [*seeds, *more]], confirm, options.margin, level)
         if row.confirmed:
             winner, reason = c.name, _win_reason(row, horizons[-1])
             break
@@ -617,8 +651,9 @@ def _confirm(
     reference: Sequence[JobResult],
     horizon: int,
     margin: float,
+    confidence: float,
 ) -> None:
-    """Record a passer's verdict after ``horizon`` steps (the same paired rule as the race's)."""
+    """Record a passer's verdict after ``horizon`` steps (the race's paired rule, at ``confidence``)."""
     row.confirm_horizon = horizon
     if any(r.diverged_at is not None for r in results):
         row.confirm_diverged = True
@@ -627,7 +662,7 @@ def _confirm(
     ref = [r.val_at(horizon) for r in reference]
     if any(v is None for v in vals) or any(v is None for v in ref):
         raise TuneError("the workload has no validation batches: the race needs validation loss")
-    row.confirmation = paired_comparison(vals, ref, margin)  # type: ignore[arg-type]
+    row.confirmation = paired_comparison(vals, ref, margin, confidence)  # type: ignore[arg-type]
     row.confirm_steps_to_target = _steps_to_target(results, reference, horizon)
 
 
@@ -635,7 +670,9 @@ def _win_reason(row: RaceRow, horizon: int) -> str:
     assert row.comparison is not None
     said = f"{row.name} is {row.comparison.verdict} at {horizon} steps ({row.comparison.describe()})"
     if row.confirmation is not None:
-        said += f", {row.confirmation.verdict} at {row.confirm_horizon} ({row.confirmation.describe()}),"
+        confidence = row.confirmation.confidence
+        level = "" if confidence == DEFAULT_CONFIDENCE else f", {confidence:.1%} bound"
+        said += f", {row.confirmation.verdict} at {row.confirm_horizon} ({row.confirmation.describe()}{level}),"
     return f"{said} and its optimizer step measured {row.measured_speedup:.2f}x faster"
 
 

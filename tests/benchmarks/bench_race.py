@@ -82,7 +82,8 @@ def run_model(
         margin=margin,
         steps=steps,
         candidates=opts.get("race_candidates", RaceOptions.candidates),
-        confirm_steps=2 * steps,  # the CLI's default
+        confirm_steps=2 * steps,  # the CLI's defaults
+        confirm_seeds=2 * RaceOptions.seeds,
     )
     request = TuneRequest(
         source=model,
