@@ -264,6 +264,7 @@ def test_cli_race_writes_the_verdict_into_the_profile_and_resumes(tiny_files: di
     assert race_json["options"]["horizons"] == [2, 4] and race_json["seeds"] == [0, 1]
     assert race_json["options"]["confirm_steps"] == 8  # the CLI's defaults: twice the race horizon,
     assert race_json["options"]["confirm_seeds"] == 4  # and twice the race's seeds for an inconclusive one
+    assert race_json["options"]["same_math"] is True
     names = {row["name"] for row in race_json["table"]}
     assert "default" in names and len(names) >= 2
     assert summary["shipped"] == race_json["winner"]
@@ -452,3 +453,66 @@ def test_more_confirmation_seeds_than_the_race_or_none() -> None:
     one_look = RaceOptions(seeds=3, steps=20, rungs=1, eval_every=10, confirm_steps=40)
     assert not one_look.extends_seeds and one_look.confirm_confidence == 0.95
     assert EXTEND.extends_seeds and EXTEND.confirm_confidence == 0.975
+
+
+# ------------------------------------------------------------------------------------------ same math
+
+
+JORDAN5_FP32 = OrthoConfig(dtype="float32")
+GRAM5 = OrthoConfig(gram=True)
+
+
+def test_the_fastest_same_polynomial_option_is_kept_in_reserve_and_raced_as_same_math() -> None:
+    """Jordan x5 in fp32 (rounding only) is dominated by Polar Express here, so stage 1 never sees it: it waits in
+    the menu's reserve, and the race gets it as ``same-math``, every layer on its fastest same-polynomial form."""
+    from muonprof.tune.space import same_polynomial
+
+    assert same_polynomial(JORDAN5) and same_polynomial(JORDAN5_FP32) and same_polynomial(GRAM5)
+    assert not same_polynomial(POLAR5) and not same_polynomial(JORDAN3) and not same_polynomial(LOWRANK)
+    options = [
+        Option(BASELINE_LABEL, JORDAN5, 5.0, 0.80),
+        Option("pe5", POLAR5, 3.0, 0.90),  # faster and more aligned: dominates both Jordan x5 forms
+        Option("j5-fp32", JORDAN5_FP32, 3.5, 0.80),
+        Option("gram5", GRAM5, 4.0, 0.80),
+    ]
+    ms = [LayerMenu(n, (8, 8), "linear", 1.0, options[:2], reserve=[options[2]]) for n in ("a", "b")]
+    assert ms[0].option("j5-fp32") is options[2] and "j5-fp32" not in ms[0].labels  # reachable, not searched
+    same = s1.same_math(ms)
+    assert same is not None and same.picks == {"a": "j5-fp32", "b": "j5-fp32"} and same.time_s == 7.0
+    cs = build_contenders(ms, s1.baseline(ms), [s1.evaluate(ms, {"a": "pe5", "b": "pe5"})], LrChoice(), None,
+                          same_math=same)  # fmt: skip
+    assert [c.name for c in cs] == ["default", "same-math", "c1"]
+    assert {e["dtype"] for e in cs[1].profile["layers"].values()} == {"float32"}
+    # where the baseline is already the fastest same-polynomial form there is nothing to race
+    only = [LayerMenu(n, (8, 8), "linear", 1.0, options[:2]) for n in ("a", "b")]
+    assert s1.same_math(only) is None
+
+
+def test_build_menus_reserves_the_fastest_same_polynomial_form(tiny_files: dict[str, Path]) -> None:
+    from muonprof.bench import load_bench
+    from muonprof.tune.space import build_menus, same_polynomial
+
+    bench = load_bench(tiny_files["bench"])
+    for menu in build_menus(bench):
+        forms = [o for o in [*menu.options, *menu.reserve] if same_polynomial(o.config)]
+        assert forms and len(menu.reserve) <= 1
+        assert all(not same_polynomial(o.config) or o.label not in menu.labels for o in menu.reserve)
+
+
+def test_the_pipeline_races_same_math_unless_off_duplicate_or_over_the_memory_budget() -> None:
+    from types import SimpleNamespace
+
+    from muonprof.tune.pipeline import TuneRequest, _same_math
+
+    options = [Option(BASELINE_LABEL, JORDAN5, 5.0, 0.80), Option("pe5", POLAR5, 3.0, 0.90)]
+    ms = [LayerMenu(n, (8, 8), "linear", 1.0, list(options), reserve=[Option("j5-fp32", JORDAN5_FP32, 3.5, 0.8)])
+          for n in ("a", "b")]  # fmt: skip
+    s1_result = SimpleNamespace(menus=ms, baseline=s1.baseline(ms), state_budget=None)
+    request = TuneRequest(source="gpt2-tiny")
+    found = _same_math(request, s1_result, [])  # type: ignore[arg-type]
+    assert found is not None and set(found.picks.values()) == {"j5-fp32"}
+    assert _same_math(request, s1_result, [found]) is None  # already a candidate
+    off = TuneRequest(source="gpt2-tiny", race=RaceOptions(same_math=False))
+    assert _same_math(off, s1_result, []) is None  # type: ignore[arg-type]
+    tight = SimpleNamespace(menus=ms, baseline=s1.baseline(ms), state_budget=s1.baseline(ms).state_bytes - 1)
+    assert _same_math(request, tight, []) is None  # type: ignore[arg-type]  # it keeps the default's state

@@ -148,6 +148,14 @@ def tune_command(
             "default: twice --race-steps; 0: no confirmation).",
         ),
     ] = None,
+    same_math: Annotated[
+        bool,
+        typer.Option(
+            "--same-math/--no-same-math",
+            help="Also race the default's own polynomial at each layer's fastest dtype or Gram form (changes "
+            "only rounding).",
+        ),
+    ] = True,
     confirm_seeds: Annotated[
         int | None,
         typer.Option(
@@ -264,6 +272,7 @@ def tune_command(
                 match_update_size=match_update_size,
                 confirm_steps=2 * race_steps if confirm_steps is None else confirm_steps,
                 confirm_seeds=2 * race_seeds if confirm_seeds is None else confirm_seeds,
+                same_math=same_math,
             ),
             ladders=ladders,
             command=" ".join(["muonprof", *sys.argv[1:]]),

@@ -55,6 +55,7 @@ from .race import (
 )
 from .run import Stage1Result, Stage2Result, check_bench_matches, default_study_name, tune_stage1, tune_stage2
 from .space import LayerMenu, Option, TuneError
+from .stage1 import Assignment, same_math
 from .stage2 import LrChoice
 from .study import default_storage, finished_trials
 from .writer import build_profile, layer_ladder, state_summary
@@ -318,9 +319,11 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
 
     race: RaceResult | None = None
     candidates = pick_candidates(s1.front, s1.baseline, s1.choice, request.race.candidates)
+    same = _same_math(request, s1, candidates)
     momentum = {n: t for n, t in spectra.captures[-1].momentum.items()} if spectra is not None else None
-    contenders = build_contenders(s1.menus, s1.baseline, candidates, lr, momentum, request.race.match_update_size)
-    if request.race.candidates > 0 and candidates:
+    contenders = build_contenders(s1.menus, s1.baseline, candidates, lr, momentum, request.race.match_update_size,
+                                  same_math=same)  # fmt: skip
+    if request.race.candidates > 0 and (candidates or same is not None):
         race = _race(request, ui, build, contenders, s1, storage, name, fingerprint, model)
         shipped = race.winner
         notes.append(race.reason)
@@ -416,6 +419,19 @@ def run_tune(request: TuneRequest, reporter: Reporter | None = None) -> TuneOutc
         artifacts,
         notes,
     )
+
+
+def _same_math(request: TuneRequest, s1: Stage1Result, candidates: Sequence[Assignment]) -> Assignment | None:
+    """The race's same-math contender (``stage1.same_math``), unless turned off, already a candidate, or unable to
+    fit a binding state-memory budget (it keeps the default's state, which then does not fit either)."""
+    if not request.race.same_math or request.race.candidates <= 0:
+        return None
+    if s1.state_budget is not None and s1.baseline.state_bytes > s1.state_budget:
+        return None
+    found = same_math(s1.menus)
+    if found is None or any(c.picks == found.picks for c in candidates):
+        return None
+    return found
 
 
 def _race(

@@ -4,7 +4,11 @@ Stage 1 scores recipes with a model (one-step or multi-step alignment on capture
 can say whether a cheaper recipe trains as well. The race:
 
 - **Contenders**: the default recipe (torch.optim.Muon's Jordan x5 everywhere) plus up to K profiles from
-  stage 1's Pareto front, spread over the predicted speedups (the stage-1 pick always among them).
+  stage 1's Pareto front, spread over the predicted speedups (the stage-1 pick always among them), plus
+  ``same-math``: every layer on its fastest option with the default's own polynomial (fp32 instead of bf16,
+  or the Gram form), where that is predicted faster. Stage 1's model ranks it below recipes it scores as more
+  accurate, so it is never on the front; but it changes only rounding, and it is the candidate most likely to
+  hold the default's loss at every horizon.
 - **Same LR treatment for all.** Stage 2 tunes the learning rates *of the default recipe*; those scales are
   applied to every contender. On top, each candidate layer's lr is scaled so that the spectral model's
   predicted update size ``||O||_F`` on that layer's captured momentum spectrum equals the default recipe's
@@ -92,6 +96,7 @@ class RaceOptions:
     adamw_lr: float = 3e-4
     confirm_steps: int = 0  # > steps: a passer must also be non-inferior after this many steps; 0: no confirmation
     confirm_seeds: int = 0  # > seeds: an inconclusive confirmation is judged again over this many; 0: no extension
+    same_math: bool = True  # race the default's polynomial at each layer's fastest dtype / form too
 
     def check(self) -> None:
         """TuneError (one line) for options that cannot give a race."""
@@ -175,6 +180,7 @@ class RaceOptions:
             "match_update_size": self.match_update_size,
             "timing_rounds": self.timing_rounds,
             "horizons": self.horizons(),
+            "same_math": self.same_math,
             "confirm_steps": self.confirm_horizon,
             "confirm_seeds": self.confirm_seeds if self.extends_seeds else None,
             "confirm_confidence": self.confirm_confidence if self.confirm_horizon else None,
@@ -455,11 +461,14 @@ def build_contenders(
     lr: LrChoice,
     spectra: Mapping[str, torch.Tensor] | None,
     match_update_size: bool = True,
+    same_math: Assignment | None = None,
 ) -> list[Contender]:
+    """The default, then ``same-math`` (when given), then ``c1``... for ``candidates``."""
     out = [Contender("default", baseline, contender_profile(menus, baseline.picks, lr, {}), {})]
-    for i, a in enumerate(candidates, 1):
+    named = [("same-math", same_math)] if same_math is not None else []
+    for name, a in [*named, *((f"c{i}", a) for i, a in enumerate(candidates, 1))]:
         factors = update_size_factors(menus, a.picks, spectra) if match_update_size else {}
-        out.append(Contender(f"c{i}", a, contender_profile(menus, a.picks, lr, factors), factors))
+        out.append(Contender(name, a, contender_profile(menus, a.picks, lr, factors), factors))
     return out
 
 

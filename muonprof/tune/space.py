@@ -23,13 +23,26 @@ they are chosen only when memory is asked for.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..bench.artifact import BenchResult
 from ..bench.candidates import BASELINE, MOMENTUM_RANK, Candidate, candidate_label
 from ..bench.pareto import Point, layer_points, pareto_front
+from ..ortho import OrthoConfig
 
 BASELINE_LABEL = candidate_label(BASELINE)
+
+
+def same_polynomial(config: Candidate) -> bool:
+    """The default recipe's math (Jordan's quintic, 5 steps; plain Newton-Schulz or its Gram form) in any dtype:
+    only rounding differs from the baseline, so no spectral model has to be right for it to train alike."""
+    return (
+        isinstance(config, OrthoConfig)
+        and config.method == "newton_schulz"
+        and config.coefficients == BASELINE.coefficients
+        and config.ns_steps == BASELINE.ns_steps
+        and config.eps == BASELINE.eps
+    )
 
 
 class TuneError(ValueError):
@@ -62,9 +75,12 @@ class LayerMenu:
     role: str
     weight: float
     options: list[Option]
+    # Kept for the race but not searched by stage 1: the fastest option with the baseline's polynomial when it
+    # is not on the front (see ``same_polynomial``).
+    reserve: list[Option] = field(default_factory=list)
 
     def option(self, label: str) -> Option:
-        for o in self.options:
+        for o in [*self.options, *self.reserve]:
             if o.label == label:
                 return o
         raise KeyError(f"{self.name}: no option {label!r}")
@@ -87,7 +103,8 @@ def build_menus(
     memory: bool = False,
 ) -> list[LayerMenu]:
     """Menus for every benched layer: the layer's time/alignment Pareto front among candidates that were
-    both timed and measured, above ``floor`` alignment, plus the baseline (Jordan x5 bf16) if it was timed.
+    both timed and measured, above ``floor`` alignment, plus the baseline (Jordan x5 bf16) if it was timed; in
+    ``reserve``, the fastest option with the baseline's polynomial (``same_polynomial``) if it is not among them.
 
     Dominated candidates are dropped: no profile that uses one can be better than the same profile with
     the dominating candidate in its place, so the joint search loses nothing and shrinks a lot. With
@@ -118,8 +135,13 @@ def build_menus(
             best = max(points, key=lambda p: (p.alignment, -p.time_s))
             chosen[best.label] = best
         options = [_option(p, configs[p.label]) for p in sorted(chosen.values(), key=lambda p: (p.time_s, p.label))]
+        # The fastest option with the baseline's polynomial, dominated or not: the race's same-math contender
+        # (``stage1.same_math``) is built from it; stage 1 does not search it (it is off the front by construction).
+        same = [p for p in points if same_polynomial(configs[p.label])]
+        fastest = min(same, key=lambda p: (p.time_s, p.label)) if same else None
+        reserve = [_option(fastest, configs[fastest.label])] if fastest and fastest.label not in chosen else []
         weight = 1.0 if weights is None else float(weights.get(name, 0.0))
-        menus.append(LayerMenu(name, shape, str(layer.get("role", "linear")), weight, options))
+        menus.append(LayerMenu(name, shape, str(layer.get("role", "linear")), weight, options, reserve))
     if weights is not None and sum(m.weight for m in menus) <= 0:
         for menu in menus:
             menu.weight = 1.0

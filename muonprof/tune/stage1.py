@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 
 from ..interrupts import raise_if_interrupted
-from .space import BASELINE_LABEL, LayerMenu, Option, TuneError
+from .space import BASELINE_LABEL, LayerMenu, Option, TuneError, same_polynomial
 
 PARAM_PREFIX = "ortho:"
 
@@ -85,6 +85,19 @@ def baseline(menus: Sequence[LayerMenu]) -> Assignment:
     if missing:
         raise TuneError(f"the bench file did not time the baseline {BASELINE_LABEL} for {', '.join(missing[:3])}")
     return evaluate(menus, {m.name: BASELINE_LABEL for m in menus}, "baseline")
+
+
+def same_math(menus: Sequence[LayerMenu]) -> Assignment | None:
+    """Every layer on its fastest option with the default recipe's polynomial (another dtype, the Gram form):
+    the speedup that changes only rounding, which the spectral model cannot get wrong. None when that is the
+    baseline itself or is predicted no faster."""
+    base = baseline(menus)
+    picks = {}
+    for menu in menus:
+        same = [o for o in [*menu.options, *menu.reserve] if same_polynomial(o.config)]
+        picks[menu.name] = min(same, key=lambda o: (o.time_s, o.label)).label if same else BASELINE_LABEL
+    found = evaluate(menus, picks, "same math")
+    return None if found.picks == base.picks or found.time_s >= base.time_s else found
 
 
 def fastest_per_layer(menus: Sequence[LayerMenu], target: float) -> Assignment:
