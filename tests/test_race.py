@@ -516,3 +516,18 @@ def test_the_pipeline_races_same_math_unless_off_duplicate_or_over_the_memory_bu
     assert _same_math(off, s1_result, []) is None  # type: ignore[arg-type]
     tight = SimpleNamespace(menus=ms, baseline=s1.baseline(ms), state_budget=s1.baseline(ms).state_bytes - 1)
     assert _same_math(request, tight, []) is None  # type: ignore[arg-type]  # it keeps the default's state
+
+
+def test_interleaved_step_times_times_each_step_after_its_own_forward_backward() -> None:
+    from muonprof.tune.timing import FWD_BWD, interleaved_step_times
+    from muonprof.workload import build_workload
+
+    workload = build_workload("gpt2-tiny", batch_size=2, seq_len=16, seed=0)
+    before = [p.detach().clone() for p in workload.model.parameters()]
+    fp32 = {"format": "muonprof.profile/1", "defaults": {"dtype": "float32"}}
+    timing = interleaved_step_times(workload, {"default": None, "fp32": fp32}, rounds=3)
+    assert set(timing["median_ms"]) == {"default", "fp32"} and FWD_BWD not in timing["median_ms"]
+    assert all(v > 0 for v in timing["median_ms"].values()) and timing["fwd_bwd_ms"] > 0
+    assert timing["rounds"] >= 3 and timing["amdahl_bound"] >= 1 and "forward/backward" in timing["method"]
+    # the contenders trained copies: the workload's own model is untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, workload.model.parameters()))
