@@ -9,10 +9,14 @@ spread is kept; when the interquartile range of any contender exceeds ``RETRY_SP
 rounds are extended (up to ``MAX_ROUND_FACTOR`` x), and the machine's load average before and after is
 recorded, so a reader can tell a quiet measurement from a noisy one.
 
-Each timed ``step()`` follows that contender's own forward/backward pass, as in training. Timing steps back
-to back on fixed gradients keeps every operand in cache and flatters the recipes whose working set is larger:
-on gpt2-tiny (AMD EPYC, 2 cores) the default's own polynomial in fp32 measured 1.73x the default's speed that
-way, and 1.33x with a forward/backward between steps (1.33x again stepping two real training runs alternately).
+Each timed ``step()`` follows that contender's own forward/backward pass, as in training, so the caches are
+as a training step leaves them. What a few rounds cannot show is what changes over a long run. On gpt2-tiny
+(AMD EPYC, 2 cores) the default's own polynomial in fp32 timed 1.68x the bf16 default's step here; in two runs
+trained alternately step by step in one process it was 1.71x over the first 30 steps, 1.36x over the first
+150, and 1.68x over 150 with ``torch.set_flush_denormal(True)`` set before training (which also made both
+runs' whole training step ~25% faster). Parameters, gradients and optimizer state held no subnormal values
+at step 150, so the slow-down is in intermediates (attention probabilities are the likely place); not pinned
+down.
 The forward/backward passes are timed too, so the default's share of the training step — and with it the
 Amdahl bound on any optimizer speedup, ``1 / (1 - share)`` — comes from the same measurement.
 """
