@@ -623,7 +623,7 @@ def run_race(
             break
     else:
         if shippable and confirm is not None:
-            tried = "; ".join(f"{c.name}: {rows[c.name].verdict}" for c in shippable)
+            tried = "; ".join(_unconfirmed(rows[c.name]) for c in shippable)
             reason = (
                 f"passed at {horizons[-1]} steps but not confirmed at {confirm} ({tried}): the default recipe ships"
             )
@@ -664,6 +664,11 @@ def _confirm(
 ) -> None:
     """Record a passer's verdict after ``horizon`` steps (the race's paired rule, at ``confidence``)."""
     row.confirm_horizon = horizon
+    if any(r.diverged_at is not None for r in reference):
+        raise TuneError(
+            f"the default recipe diverged within {horizon} steps with stage 2's learning rates: lower --lr-trials' "
+            "range, give --lr-trials 0, or a shorter --confirm-steps"
+        )
     if any(r.diverged_at is not None for r in results):
         row.confirm_diverged = True
         return
@@ -673,6 +678,12 @@ def _confirm(
         raise TuneError("the workload has no validation batches: the race needs validation loss")
     row.confirmation = paired_comparison(vals, ref, margin, confidence)  # type: ignore[arg-type]
     row.confirm_steps_to_target = _steps_to_target(results, reference, horizon)
+
+
+def _unconfirmed(row: RaceRow) -> str:
+    if row.confirm_diverged or row.confirmation is None:
+        return f"{row.name} diverged"
+    return f"{row.name}: {row.confirmation.describe()}"
 
 
 def _win_reason(row: RaceRow, horizon: int) -> str:
