@@ -531,3 +531,19 @@ def test_interleaved_step_times_times_each_step_after_its_own_forward_backward()
     assert timing["rounds"] >= 3 and timing["amdahl_bound"] >= 1 and "forward/backward" in timing["method"]
     # the contenders trained copies: the workload's own model is untouched
     assert all(torch.equal(a, b) for a, b in zip(before, workload.model.parameters()))
+
+
+def test_the_default_diverging_on_an_extra_seed_is_a_one_line_error(tmp_path: Path) -> None:
+    cs = contenders({"pe5": 0.0})
+
+    class DefaultDivergesLater(LateSeeds):
+        def __call__(self, contender: Contender, seed: int, horizon: int) -> JobResult:
+            result = super().__call__(contender, seed, horizon)
+            if contender.name == "default" and seed >= 3:
+                result.diverged_at = 30
+            return result
+
+    trainer = DefaultDivergesLater({cs[1].name: [0.009, -0.001, 0.004, 0.0, 0.0, 0.0]}, after=20, every=10)
+    with pytest.raises(TuneError, match="the default recipe diverged within 40 steps") as err:
+        race(tmp_path, cs, trainer, EXTEND, {"default": 10.0, cs[1].name: 5.0})
+    assert "\n" not in str(err.value)
