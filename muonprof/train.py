@@ -45,7 +45,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +242,7 @@ def train(
     *,
     steps: int,
     eval_every: int,
+    eval_at: Collection[int] = (),
     time_budget_s: float | None = None,
     on_eval: Callable[[int, float | None], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
@@ -252,7 +253,8 @@ def train(
 
     Stops after ``steps`` steps, or after the step at which cumulative training time reaches
     ``time_budget_s`` (so a budgeted run overshoots by at most one step), or at a NaN/Inf loss
-    (``diverged_at``). Evaluates at step 0, every ``eval_every`` steps and after the last step.
+    (``diverged_at``). Evaluates at step 0, every ``eval_every`` steps, at the steps in ``eval_at`` and after
+    the last step.
     ``on_step(step, loss)`` is called after every step; ``on_eval(step, val_loss)`` after every evaluation
     and may raise to stop the run (the exception propagates). ``clock`` is for tests. An optimizer whose
     ``needs_closure`` is true is stepped with a closure (see the module docstring). ``sync``: run as one
@@ -375,7 +377,7 @@ def train(
             out_of_time = time_budget_s is not None and spent >= time_budget_s
             if out_of_time and step < steps:
                 result.stop_reason = "time_budget"
-            if step % eval_every == 0 or step == steps or out_of_time:
+            if step % eval_every == 0 or step == steps or step in eval_at or out_of_time:
                 run_eval(step)
             if out_of_time:
                 break

@@ -547,3 +547,19 @@ def test_the_default_diverging_on_an_extra_seed_is_a_one_line_error(tmp_path: Pa
     with pytest.raises(TuneError, match="the default recipe diverged within 40 steps") as err:
         race(tmp_path, cs, trainer, EXTEND, {"default": 10.0, cs[1].name: 5.0})
     assert "\n" not in str(err.value)
+
+
+def test_cli_race_whose_horizon_is_not_a_multiple_of_the_eval_interval_is_judged(
+    tiny_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The default's run goes to the confirmation horizon (20) through the race horizon (10), which the
+    evaluation interval (4) does not divide: it is evaluated there anyway (it was not, and tune failed)."""
+    out = tmp_path / "p.json"
+    args = ["tune", str(tiny_files["spectra"]), "--bench", str(tiny_files["bench"]), "--trials", "10",
+            "--lr-trials", "0", "--batch-size", "2", "--race-candidates", "1", "--race-seeds", "2",
+            "--race-steps", "10", "--race-rungs", "2", "--race-eval-every", "4", "--out", str(out),
+            "--json"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    race_json = json.loads(result.stdout)["race"]
+    assert race_json["options"]["horizons"] == [4, 10] and race_json["options"]["confirm_steps"] == 20

@@ -539,10 +539,14 @@ def run_race(
         )
         for c in contenders
     }
+    # Every run is evaluated where it is judged: the default's run (to the confirmation horizon) passes through the
+    # race horizon, which need not be a multiple of the evaluation interval.
+    judged_at = (*horizons, *((options.confirm_horizon,) if options.confirm_horizon else ()))
     if train_fn is None:
 
         def train_fn(contender: Contender, seed: int, horizon: int) -> JobResult:
-            return train_contender(build, contender, seed, horizon, eval_every=every, adamw_lr=options.adamw_lr)
+            return train_contender(build, contender, seed, horizon, eval_every=every, adamw_lr=options.adamw_lr,
+                                   eval_at=judged_at)  # fmt: skip
 
     jobs = _Jobs(study, train_fn, notify)
     planned = _planned_runs(len(candidates), seeds, horizons, options.eta)
@@ -785,7 +789,14 @@ class _Jobs:
 
 
 def train_contender(
-    build: BuildWorkload, contender: Contender, seed: int, horizon: int, *, eval_every: int, adamw_lr: float
+    build: BuildWorkload,
+    contender: Contender,
+    seed: int,
+    horizon: int,
+    *,
+    eval_every: int,
+    adamw_lr: float,
+    eval_at: Sequence[int] = (),
 ) -> JobResult:
     """One race run: a fresh workload from ``seed`` (its init and batches), ProfiledMuon with the contender's
     profile, ``horizon`` steps evaluated every ``eval_every`` (and at the end)."""
@@ -793,7 +804,7 @@ def train_contender(
 
     workload = build(seed)
     optimizer = ProfiledMuon(workload.model, contender.profile, lr=DEFAULT_LR, adamw_lr=adamw_lr, seed=seed)
-    run = train(workload, optimizer, steps=horizon, eval_every=eval_every)
+    run = train(workload, optimizer, steps=horizon, eval_every=eval_every, eval_at=eval_at)
     return JobResult(run.evals, run.diverged_at, run.median_optimizer_step_s, run.median_step_s, run.total_wall_s)
 
 
