@@ -251,3 +251,9 @@ def test_storm_profiled_muon_steps_through_train() -> None:
     r = train(w, opt, steps=3, eval_every=3)
     assert r.steps_done == 3 and r.diverged_at is None
     assert r.grad_evals == [1, 3, 5]  # no previous iterate at step 1, two gradients from step 2 on
+
+
+def test_eval_at_adds_evaluations_where_a_run_is_judged() -> None:
+    w = mlp()
+    r = train(w, ProfiledMuon(w.model), steps=20, eval_every=8, eval_at=(10, 13))
+    assert [p.step for p in r.evals] == [0, 8, 10, 13, 16, 20]
