@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -107,7 +108,7 @@ def run_model(
     tune_s = time.perf_counter() - t0
     stages = clock.durations(time.perf_counter())
     horizon = race.steps
-    every = race.eval_interval
+    every = math.gcd(race.eval_interval, horizon)  # every judged horizon (h, 2h, 4h) is an evaluation step
     # The reference is the default recipe with the profile's own tuned learning rates (validate's default-lr,
     # the race's reference); against the untuned default a tuned profile would win by its LR alone.
     result = validate(
