@@ -326,3 +326,26 @@ def test_a_server_storage_worker_keeps_a_heartbeat_and_a_file_storage_one_does_n
             assert study_mod.uses_heartbeat(server)
         finally:
             optuna.delete_study(study_name=name, storage=open_storage(POSTGRES))
+
+
+def test_a_bench_with_a_non_finite_figure_resumes_its_study(tmp_path: Path, tiny_inputs: Any) -> None:
+    """A candidate with no finite singular-value bound (bench writes null to its file) was stored in the study as
+    NaN/inf, which the strict loader then refused on the next run: resuming failed ("corrupt bench file")."""
+    import copy
+
+    from muonprof.tune import tune_stage1
+
+    spectra, bench = tiny_inputs
+    odd = copy.deepcopy(bench)
+    layer = next(iter(odd.accuracy))
+    label = next(iter(odd.accuracy[layer]))
+    odd.accuracy[layer][label]["sv_min"] = float("inf")
+    kwargs = {"storage": f"sqlite:///{tmp_path / 's.db'}", "study_name": "n", "model": "gpt2-tiny", "trials": 4,
+              "fingerprint": spectra.meta["fingerprint"], "seed": 0, "target_alignment": None,
+              "time_budget_s": None}  # fmt: skip
+    from muonprof.bench import BenchResult
+
+    first = tune_stage1(odd, spectra, **kwargs)
+    on_disk = BenchResult.from_json(json.loads(odd.dumps()))  # what the bench file beside the profile holds
+    again = tune_stage1(on_disk, spectra, **kwargs)  # the next run reuses it: resumes, adopts and refuses nothing
+    assert not first.adopted_bench and not again.adopted_bench and again.trials_run == 0

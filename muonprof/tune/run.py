@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from .._files import finite_or_null
 from ..bench.artifact import BenchResult
 from ..bench.candidates import MOMENTUM_RANK
 from ..capture import Spectra
@@ -155,7 +156,7 @@ def tune_stage1(
     def on_create(study: optuna.Study) -> None:
         # The bench is measured, so two workers (or a re-bench) get different timings and menus: the study
         # keeps the one it was created with, and every worker searches and decides with that one.
-        put_blob(study, "bench", bench.to_json())
+        put_blob(study, "bench", finite_or_null(bench.to_json()))  # as the file holds it: strict JSON
         stage1.seed_trials(study, menus, exact, memory)
 
     study = open_study(
@@ -174,9 +175,10 @@ def tune_stage1(
         sampler=sampler,
         on_create=on_create,
     )
-    stored = get_blob(study, "bench")
+    # (finite_or_null also mends a bench stored by an older muonprof with NaN/inf in it: JSON's null, as on disk)
+    stored = finite_or_null(get_blob(study, "bench"))
     adopted = False
-    if stored is not None and stored != json.loads(json.dumps(bench.to_json())):
+    if stored is not None and stored != json.loads(json.dumps(finite_or_null(bench.to_json()))):
         bench = BenchResult.from_json(stored, f"the bench stored in study {name}")
         menus, base, exact = prepare(bench)
         adopted = True
