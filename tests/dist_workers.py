@@ -7,6 +7,7 @@ what it found to ``<out>/rank<r>.pt`` so the test can compare ranks with a singl
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import os
 import traceback
@@ -64,6 +65,14 @@ def train(model: nn.Module, opt: ProfiledMuon, steps: int) -> list[float]:
     return losses
 
 
+def _quiesce() -> None:
+    """Before ``destroy_process_group``: drop the DDP/FSDP wrappers' pending gloo work and wait for the other rank.
+    Gloo's worker threads still holding work objects when the process tears down abort it ("terminate called
+    without an active exception", SIGABRT: seen once in CI after a passing run; pytorch/pytorch#179291)."""
+    gc.collect()
+    dist.barrier()
+
+
 def _init(rank: int, world: int, rendezvous: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
@@ -98,6 +107,8 @@ def ddp_equivalence(rank: int, world: int, rendezvous: str, out: str, steps: int
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
+        del ddp, opt
+        _quiesce()
     finally:
         dist.destroy_process_group()
 
@@ -144,6 +155,8 @@ def ladder_equivalence(rank: int, world: int, rendezvous: str, out: str, steps: 
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
+        del ddp, opt
+        _quiesce()
     finally:
         dist.destroy_process_group()
 
@@ -195,6 +208,8 @@ def fsdp_equivalence(rank: int, world: int, rendezvous: str, out: str, steps: in
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
+        del model, opt
+        _quiesce()
     finally:
         dist.destroy_process_group()
 
