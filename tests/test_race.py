@@ -251,12 +251,17 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+def race_cli(files: dict[str, Path], out: Path, *, candidates: int, steps: int, every: int) -> list[str]:
+    """A quick real race through the CLI on the tiny spectra and bench (2 seeds, 2 rungs, no LR trials)."""
+    return ["tune", str(files["spectra"]), "--bench", str(files["bench"]), "--trials", "10", "--lr-trials", "0",
+            "--batch-size", "2", "--race-candidates", str(candidates), "--race-seeds", "2", "--race-steps",
+            str(steps), "--race-rungs", "2", "--race-eval-every", str(every), "--out", str(out),
+            "--json"]  # fmt: skip
+
+
 def test_cli_race_writes_the_verdict_into_the_profile_and_resumes(tiny_files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "p.json"
-    args = ["tune", str(tiny_files["spectra"]), "--bench", str(tiny_files["bench"]), "--trials", "10",
-            "--lr-trials", "0", "--batch-size", "2", "--race-candidates", "2", "--race-seeds", "2",
-            "--race-steps", "4", "--race-rungs", "2", "--race-eval-every", "2", "--out", str(out),
-            "--json"]  # fmt: skip
+    args = race_cli(tiny_files, out, candidates=2, steps=4, every=2)
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.stderr
     summary = json.loads(first.stdout)
@@ -555,10 +560,7 @@ def test_cli_race_whose_horizon_is_not_a_multiple_of_the_eval_interval_is_judged
     """The default's run goes to the confirmation horizon (20) through the race horizon (10), which the
     evaluation interval (4) does not divide: it is evaluated there anyway (it was not, and tune failed)."""
     out = tmp_path / "p.json"
-    args = ["tune", str(tiny_files["spectra"]), "--bench", str(tiny_files["bench"]), "--trials", "10",
-            "--lr-trials", "0", "--batch-size", "2", "--race-candidates", "1", "--race-seeds", "2",
-            "--race-steps", "10", "--race-rungs", "2", "--race-eval-every", "4", "--out", str(out),
-            "--json"]  # fmt: skip
+    args = race_cli(tiny_files, out, candidates=1, steps=10, every=4)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     race_json = json.loads(result.stdout)["race"]
